@@ -1,0 +1,328 @@
+"""The `streambars` command: argument parsing and output formatting only.
+
+Every subcommand turns its flags into settings overrides (dotted config keys) or plain
+arguments and calls one library function; exit codes: 0 success, 1 the work failed (or
+validation found errors), 2 bad arguments or configuration, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .observe import default_numba_cache_dir
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+DESCRIPTION = """\
+Turn Databento market data into validated OHLCV bars at every timeframe, stored in
+HDF5 files that analysis code can read while they are being written.
+
+  streambars demo                      run the whole pipeline on the bundled sample
+  streambars backfill --start ...      download history month by month into the store
+  streambars run                       the live daemon (systemd Type=notify)
+  streambars inspect | export | validate | compact   work with the store
+"""
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("configuration")
+    g.add_argument("--config", "-c", metavar="TOML", help="configuration file (see config/)")
+    g.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override any config key, value in TOML syntax (repeatable), "
+        "e.g. --set bars.timeframes='[\"1s\",\"1min\"]'",
+    )
+    g.add_argument("--store", metavar="DIR", help="store directory (config store.path)")
+    g.add_argument("--env-file", default=".env", metavar="PATH", help="where to look for DATABENTO_API_KEY")
+    g.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    g.add_argument("--log-format", choices=("auto", "json", "console"))
+
+
+def _source_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", help="Databento dataset, e.g. GLBX.MDP3 (config databento.dataset)")
+    g.add_argument("--symbols", help="comma-separated symbols (config databento.symbols)")
+    g.add_argument("--schema", choices=("ohlcv-1s", "ohlcv-1m", "trades"), help="input schema")
+    g.add_argument(
+        "--stype-in", choices=("raw_symbol", "continuous", "parent", "instrument_id"), help="symbology"
+    )
+    g.add_argument("--timeframes", help="comma-separated timeframes, e.g. 1s,1min,1h,1d")
+    g.add_argument("--session", help="daily session start, e.g. '17:00 America/Chicago'")
+
+
+_FLAG_TO_KEY = {
+    "store": "store.path",
+    "log_level": "logging.level",
+    "log_format": "logging.format",
+    "dataset": "databento.dataset",
+    "symbols": "databento.symbols",
+    "schema": "databento.schema",
+    "stype_in": "databento.stype_in",
+    "timeframes": "bars.timeframes",
+    "session": "bars.session",
+    "historical_gateway": "databento.historical_gateway",
+    "live_gateway": "databento.live_gateway",
+    "max_cost": "databento.max_cost",
+    "metrics_port": "live.metrics_port",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="streambars", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="run the full pipeline on the bundled sample into ./store",
+                       description="Backfill the bundled sample (no API key, no network) into the "
+                       "store, then print the inspect table and the last 1min bars.")
+    _common(p)
+    p.set_defaults(handler=_cmd_demo)
+
+    p = sub.add_parser("backfill", help="download history month by month into the store",
+                       description="Download Databento history (or read DBN files) month by month, "
+                       "aggregate every timeframe in one pass and append to the store. Resume-safe: "
+                       "months already in the raw archive are never downloaded twice.")
+    _common(p)
+    _source_flags(p)
+    p.add_argument("--start", help="first day (YYYY-MM-DD or YYYY-MM), inclusive")
+    p.add_argument("--end", help="end day (YYYY-MM-DD or YYYY-MM), exclusive")
+    p.add_argument("--historical-gateway", metavar="URL", help="Historical API base URL")
+    p.add_argument("--max-cost", type=float, metavar="USD", help="stop if the cost is above this")
+    p.add_argument("--yes", action="store_true", help="proceed even above --max-cost")
+    p.add_argument("--dry-run", action="store_true", help="print the cost and plan, download nothing")
+    p.add_argument("--force", action="store_true", help="re-download months already archived")
+    p.add_argument("--from-dbn", nargs="+", metavar="PATH", help="ingest DBN files instead (no API key)")
+    p.set_defaults(handler=_cmd_backfill)
+
+    p = sub.add_parser("run", help="the live daemon (Databento Live -> store)",
+                       description="Subscribe to Databento Live and append every timeframe to the "
+                       "store as bars close. Speaks the systemd notify protocol; SIGTERM drains and "
+                       "exits 0, SIGHUP reopens the log file and reloads the symbol list.")
+    _common(p)
+    _source_flags(p)
+    p.add_argument("--live-gateway", metavar="HOST:PORT", help="Live gateway (config databento.live_gateway)")
+    p.add_argument("--historical-gateway", metavar="URL", help="Historical API base URL (gap fill)")
+    p.add_argument("--metrics-port", type=int, metavar="PORT", help="Prometheus endpoint on 127.0.0.1 (0: off)")
+    p.set_defaults(handler=_cmd_run)
+
+    p = sub.add_parser("inspect", help="table of what the store holds",
+                       description="List datasets, symbols and timeframes in the store with rows, "
+                       "first and last bar and file size.")
+    _common(p)
+    p.set_defaults(handler=_cmd_inspect)
+
+    p = sub.add_parser("export", help="write bars to CSV or Parquet",
+                       description="Export one symbol's bars of one timeframe to CSV (ISO-8601 UTC "
+                       "timestamps, decimal prices) or Parquet.")
+    _common(p)
+    p.add_argument("--dataset", help="dataset (needed when the store holds several)")
+    p.add_argument("--symbol", required=True)
+    p.add_argument("--timeframe", required=True)
+    p.add_argument("--start")
+    p.add_argument("--end")
+    p.add_argument("--format", choices=("csv", "parquet"), default="csv")
+    p.add_argument("--split", choices=("none", "monthly"), default="none",
+                   help="monthly: one <SYMBOL>_<YYYY>_<MM>_<tf>.csv per month into --out (a directory)")
+    p.add_argument("--out", required=True, metavar="PATH")
+    p.set_defaults(handler=_cmd_export)
+
+    p = sub.add_parser("validate", help="check a store against every rule",
+                       description="Validate stored bars: OHLC relations, prices, volume, timestamps, "
+                       "cross-timeframe consistency, gaps in trading hours, price jumps, volume "
+                       "outliers. Exit codes: 0 clean (warnings allowed), 1 an error-severity rule "
+                       "failed, 2 bad arguments or unreadable store.")
+    _common(p)
+    p.add_argument("--dataset")
+    p.add_argument("--symbol", action="append", dest="symbols_sel", metavar="S")
+    p.add_argument("--timeframe", action="append", dest="timeframes_sel", metavar="T")
+    p.add_argument("--start")
+    p.add_argument("--end")
+    p.add_argument("--report", metavar="PATH", help="text report (default <store>/logs/validate-*.txt)")
+    p.add_argument("--json", dest="json_path", metavar="PATH", help="JSON report")
+    p.add_argument("--reference", action="store_true",
+                   help="also compare 1min/1h/1d with Databento's own ohlcv-1m/1h/1d")
+    p.set_defaults(handler=_cmd_validate)
+
+    p = sub.add_parser("compact", help="rewrite closed files compressed, atomically",
+                       description="Rewrite store files (not being written) with compression into a "
+                       "temporary file and rename it over the original.")
+    _common(p)
+    p.add_argument("paths", nargs="*", help="files to compact (default: every file in the store)")
+    p.add_argument("--compression", choices=("gzip", "lzf"), default="gzip")
+    p.set_defaults(handler=_cmd_compact)
+    return parser
+
+
+def _settings(args: argparse.Namespace, required_keys: Sequence[str] = ()):  # -> Settings
+    from .config import load_settings, parse_override
+
+    overrides: dict[str, Any] = {}
+    for flag, key in _FLAG_TO_KEY.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides[key] = value
+    for text in args.overrides:
+        key, value = parse_override(text)
+        overrides[key] = value
+    return load_settings(args.config, overrides)
+
+
+def _configure_logging(settings) -> None:
+    from .observe import configure_logging
+
+    configure_logging(settings.logging.level, settings.logging.format)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    settings = _settings(args)
+    _configure_logging(settings)
+    return run_demo(settings, out=sys.stdout)
+
+
+def _cmd_backfill(args: argparse.Namespace) -> int:
+    from .backfill import BackfillOptions, run_backfill
+
+    settings = _settings(args)
+    _configure_logging(settings)
+    options = BackfillOptions(
+        start=args.start,
+        end=args.end,
+        yes=args.yes,
+        dry_run=args.dry_run,
+        force=args.force,
+        from_dbn=tuple(args.from_dbn or ()),
+        env_file=args.env_file,
+    )
+    return run_backfill(settings, options, out=sys.stdout)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .daemon import run_daemon
+
+    settings = _settings(args)
+    _configure_logging(settings)
+    return run_daemon(settings, env_file=args.env_file)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .store import inspect_store
+
+    settings = _settings(args)
+    _configure_logging(settings)
+    rows = inspect_store(settings.store.path)
+    print(format_table(rows))
+    return EXIT_OK
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_bars
+
+    settings = _settings(args)
+    _configure_logging(settings)
+    written = export_bars(
+        settings.store.path,
+        symbol=args.symbol,
+        timeframe=args.timeframe,
+        dataset=args.dataset,
+        start=args.start,
+        end=args.end,
+        fmt=args.format,
+        split=args.split,
+        out=args.out,
+    )
+    for path, rows in written:
+        print(f"{path}\t{rows} rows")
+    return EXIT_OK
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from .validate import run_validate
+
+    settings = _settings(args)
+    _configure_logging(settings)
+    return run_validate(
+        settings,
+        dataset=args.dataset,
+        symbols=args.symbols_sel,
+        timeframes=args.timeframes_sel,
+        start=args.start,
+        end=args.end,
+        report_path=args.report,
+        json_path=args.json_path,
+        reference=args.reference,
+        env_file=args.env_file,
+        out=sys.stdout,
+    )
+
+
+def _cmd_compact(args: argparse.Namespace) -> int:
+    from .store import compact_store
+
+    settings = _settings(args)
+    _configure_logging(settings)
+    for path, before, after in compact_store(settings.store.path, args.paths, args.compression):
+        print(f"{path}\t{before:,} -> {after:,} bytes")
+    return EXIT_OK
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Plain aligned text table from a list of dicts (the keys of the first row are columns)."""
+    if not rows:
+        return "(empty)"
+    cols = list(rows[0].keys())
+    cells = [[str(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    default_numba_cache_dir()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from . import __version__
+
+        print(__version__)
+        return EXIT_OK
+    handler: Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return EXIT_USAGE
+    return run_handler(handler, args)
+
+
+def run_handler(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Map the library's exceptions onto exit codes and one clear line on stderr."""
+    from .config import ConfigError
+    from .errors import StreambarsError
+    from .observe import scrub
+
+    try:
+        return handler(args)
+    except ConfigError as e:
+        print(f"streambars: {scrub(str(e))}", file=sys.stderr)
+        return EXIT_USAGE
+    except StreambarsError as e:
+        print(f"streambars: {scrub(str(e))}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("streambars: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""The errors streambars raises on purpose: each says what was wrong, and carries its exit code.
+
+The CLI prints ``str(error)`` as one line (secrets scrubbed) and exits with ``exit_code``;
+anything else that escapes is a bug and gets a traceback.
+"""
+
+from __future__ import annotations
+
+
+class StreambarsError(Exception):
+    """Base class: a failure with a message meant for the user."""
+
+    exit_code: int = 1
+
+
+class UsageError(StreambarsError):
+    """Bad arguments that argparse could not catch (e.g. a date range that is empty)."""
+
+    exit_code = 2
+
+
+class StoreError(StreambarsError):
+    """The store cannot be written or read: names the path and the cause."""
+
+
+class StoreLockedError(StoreError):
+    """Another process (named in the message) is writing the same file."""
+
+
+class SourceError(StreambarsError):
+    """Databento or a DBN file did not give what was asked: names the request and the cause."""
+
+
+class AuthenticationError(SourceError):
+    """The API key was refused; retrying cannot help."""
+
+
+class CostLimitError(StreambarsError):
+    """The Historical request would cost more than the configured limit."""
+
+
+class RuleViolationError(StreambarsError):
+    """A validation rule with policy 'fail' was broken while aggregating."""
+
+    def __init__(self, rule: str, series: str, ts_event: int, detail: str = ""):
+        self.rule, self.series, self.ts_event = rule, series, ts_event
+        from datetime import UTC, datetime
+
+        when = datetime.fromtimestamp(ts_event / 1e9, UTC).isoformat()
+        super().__init__(
+            f"validation rule {rule} (policy fail) broken by {series} at {when} "
+            f"(ts_event={ts_event}){': ' + detail if detail else ''}"
+        )

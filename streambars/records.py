@@ -1,0 +1,156 @@
+"""What flows between the stages: numpy batches of input records and of closed bars.
+
+Sources turn Databento records into :class:`RecordBatch` (columnar arrays, one row per
+record, no Python object per record); the engine turns those into :class:`BarBatch`
+(one structured array of closed bars tagged with series and timeframe index). Keeping
+these two types in one small module is what lets sources, engine and store evolve apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+InputKind = Literal["ohlcv-1s", "ohlcv-1m", "trades"]
+INPUT_KINDS: tuple[str, ...] = ("ohlcv-1s", "ohlcv-1m", "trades")
+
+# Databento's fixed-point price scale and "no price" sentinel (databento_dbn.UNDEF_PRICE).
+FIXED_PRICE_SCALE = 1_000_000_000
+UNDEF_PRICE = np.iinfo(np.int64).max
+
+#: How long one input record spans, by kind (0: trades are instants, not intervals).
+INPUT_INTERVAL_NS: dict[str, int] = {
+    "ohlcv-1s": 1_000_000_000,
+    "ohlcv-1m": 60_000_000_000,
+    "trades": 0,
+}
+
+#: One stored bar, exactly the bar contract of DESIGN.md. Stores and readers use this dtype.
+BAR_DTYPE = np.dtype(
+    [
+        ("ts_event", "<i8"),
+        ("open", "<i8"),
+        ("high", "<i8"),
+        ("low", "<i8"),
+        ("close", "<i8"),
+        ("volume", "<u8"),
+        ("count", "<u4"),
+    ]
+)
+
+#: A closed bar as the engine emits it: which series (symbol) and which timeframe, then the bar.
+TAGGED_BAR_DTYPE = np.dtype([("series", "<i4"), ("timeframe", "<i4")] + BAR_DTYPE.descr)
+
+
+@dataclass
+class RecordBatch:
+    """A batch of input records of one kind, columnar.
+
+    ``series`` is the dense index of the *requested symbol* each record belongs to (the
+    pipeline maps instrument_id -> symbol -> index, so a continuous contract that rolls to a
+    new instrument keeps one series). For trades, open/high/low/close are the same
+    ``price`` array and ``volume`` is the trade size.
+    """
+
+    kind: str
+    series: np.ndarray  # int32
+    ts_event: np.ndarray  # int64 ns
+    open: np.ndarray  # int64 fixed-point
+    high: np.ndarray
+    low: np.ndarray
+    close: np.ndarray
+    volume: np.ndarray  # uint64
+
+    def __len__(self) -> int:
+        return int(self.ts_event.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.ts_event.nbytes * 6 + self.series.nbytes)
+
+    def slice(self, start: int, stop: int) -> RecordBatch:
+        """A view of rows [start, stop): used to split batches without copying."""
+        return RecordBatch(
+            self.kind,
+            self.series[start:stop],
+            self.ts_event[start:stop],
+            self.open[start:stop],
+            self.high[start:stop],
+            self.low[start:stop],
+            self.close[start:stop],
+            self.volume[start:stop],
+        )
+
+    @classmethod
+    def empty(cls, kind: str) -> RecordBatch:
+        i8 = np.empty(0, np.int64)
+        return cls(kind, np.empty(0, np.int32), i8, i8, i8, i8, i8, np.empty(0, np.uint64))
+
+    @classmethod
+    def from_ohlcv(cls, kind: str, series: np.ndarray, arr: np.ndarray) -> RecordBatch:
+        """From a DBN OHLCV structured array (``DBNStore.to_ndarray()``), any DBN version."""
+        return cls(
+            kind,
+            np.ascontiguousarray(series, dtype=np.int32),
+            np.ascontiguousarray(arr["ts_event"]).astype(np.int64, copy=False),
+            np.ascontiguousarray(arr["open"], dtype=np.int64),
+            np.ascontiguousarray(arr["high"], dtype=np.int64),
+            np.ascontiguousarray(arr["low"], dtype=np.int64),
+            np.ascontiguousarray(arr["close"], dtype=np.int64),
+            np.ascontiguousarray(arr["volume"], dtype=np.uint64),
+        )
+
+    @classmethod
+    def from_trades(cls, series: np.ndarray, arr: np.ndarray) -> RecordBatch:
+        """From a DBN trades structured array; price is shared by open/high/low/close."""
+        price = np.ascontiguousarray(arr["price"], dtype=np.int64)
+        return cls(
+            "trades",
+            np.ascontiguousarray(series, dtype=np.int32),
+            np.ascontiguousarray(arr["ts_event"]).astype(np.int64, copy=False),
+            price,
+            price,
+            price,
+            price,
+            np.ascontiguousarray(arr["size"]).astype(np.uint64),
+        )
+
+
+@dataclass
+class BarBatch:
+    """Closed bars, in the order they closed (so per series and timeframe, ts ascending)."""
+
+    bars: np.ndarray  # TAGGED_BAR_DTYPE
+
+    def __len__(self) -> int:
+        return int(self.bars.shape[0])
+
+    @classmethod
+    def empty(cls) -> BarBatch:
+        return cls(np.empty(0, TAGGED_BAR_DTYPE))
+
+
+class SeriesRegistry:
+    """Stored symbol <-> dense series index; the engine's state arrays are indexed by it."""
+
+    def __init__(self, names: list[str] | None = None):
+        self.names: list[str] = []
+        self._index: dict[str, int] = {}
+        for name in names or []:
+            self.index(name)
+
+    def index(self, name: str) -> int:
+        """The index of ``name``, assigning the next one the first time it is seen."""
+        i = self._index.get(name)
+        if i is None:
+            i = self._index[name] = len(self.names)
+            self.names.append(name)
+        return i
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._index

@@ -1,0 +1,162 @@
+"""Timeframes: parsing their names, and where their intervals start.
+
+Sub-day timeframes align to the UNIX epoch in UTC, so a bar's open is simply
+``ts - ts % seconds``. Daily bars align to a trading-session boundary given as a
+local time of day in an IANA zone (17:00 America/Chicago for CME Globex), which
+moves in UTC across daylight-saving changes; the boundaries are precomputed as a
+sorted int64 array that the numba kernel binary-searches.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+from functools import lru_cache
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import numpy as np
+
+NS_PER_SECOND = 1_000_000_000
+SECONDS_PER_DAY = 86_400
+
+STANDARD_TIMEFRAMES: tuple[str, ...] = (
+    "1s", "5s", "10s", "15s", "30s",
+    "1min", "2min", "3min", "5min", "10min", "15min", "30min",
+    "1h", "2h", "4h", "1d",
+)
+
+_UNIT_SECONDS = {"s": 1, "min": 60, "h": 3600, "d": SECONDS_PER_DAY}
+_PATTERN = re.compile(r"^\s*(\d+)\s*(s|min|h|d)\s*$")
+ALLOWED_TEXT = (
+    "a whole positive number followed by s, min, h or d (e.g. 1s, 7s, 15s, 5min, 4h, 1d), "
+    "at most one day long; 1d is the only daily timeframe"
+)
+
+
+class TimeframeError(ValueError):
+    """A timeframe string that is not allowed; the message names it and what is allowed."""
+
+
+@dataclass(frozen=True, order=True)
+class Timeframe:
+    """One bar length. ``seconds`` orders timeframes; ``name`` is how the store names it."""
+
+    seconds: int
+    name: str
+
+    @property
+    def nanos(self) -> int:
+        return self.seconds * NS_PER_SECOND
+
+    @property
+    def is_daily(self) -> bool:
+        return self.seconds == SECONDS_PER_DAY
+
+    @property
+    def divides_day(self) -> bool:
+        """Lengths like 7s are allowed (epoch-aligned) but do not nest into days."""
+        return SECONDS_PER_DAY % self.seconds == 0
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def canonical_name(seconds: int) -> str:
+    """The store's name for a length: the largest unit that divides it (90s -> '90s', 120s -> '2min')."""
+    if seconds == SECONDS_PER_DAY:
+        return "1d"
+    if seconds % 3600 == 0:
+        return f"{seconds // 3600}h"
+    if seconds % 60 == 0:
+        return f"{seconds // 60}min"
+    return f"{seconds}s"
+
+
+def parse_timeframe(text: str) -> Timeframe:
+    """Parse '15s', '5min', '4h', '1d'; refuse anything that does not divide a day."""
+    if not isinstance(text, str):
+        raise TimeframeError(f"timeframe {text!r} is not a string; allowed: {ALLOWED_TEXT}")
+    m = _PATTERN.match(text)
+    if not m:
+        raise TimeframeError(f"timeframe {text!r} is not understood; allowed: {ALLOWED_TEXT}")
+    seconds = int(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+    if seconds <= 0:
+        raise TimeframeError(f"timeframe {text!r} is zero; allowed: {ALLOWED_TEXT}")
+    if seconds > SECONDS_PER_DAY:
+        raise TimeframeError(
+            f"timeframe {text!r} ({seconds} s) is longer than a day; allowed: {ALLOWED_TEXT}"
+        )
+    if m.group(2) == "d" and seconds != SECONDS_PER_DAY:
+        raise TimeframeError(f"timeframe {text!r}: only 1d is daily; allowed: {ALLOWED_TEXT}")
+    return Timeframe(seconds, canonical_name(seconds))
+
+
+def parse_timeframes(texts: list[str] | tuple[str, ...]) -> tuple[Timeframe, ...]:
+    """Parse, de-duplicate and sort ascending; an empty list is an error."""
+    if not texts:
+        raise TimeframeError(f"no timeframes given; allowed: {ALLOWED_TEXT}")
+    return tuple(sorted({parse_timeframe(t) for t in texts}))
+
+
+@dataclass(frozen=True)
+class Session:
+    """Where daily bars start: a local time of day in an IANA time zone."""
+
+    time_of_day: time
+    tz: str
+
+    @classmethod
+    def parse(cls, text: str) -> Session:
+        """Parse '17:00 America/Chicago' (also 'HH:MM:SS ZONE')."""
+        parts = str(text).split()
+        if len(parts) != 2:
+            raise ValueError(
+                f"session {text!r} is not 'HH:MM Zone/Name' (e.g. '17:00 America/Chicago')"
+            )
+        try:
+            tod = time.fromisoformat(parts[0])
+        except ValueError:
+            raise ValueError(f"session {text!r}: {parts[0]!r} is not a time of day HH:MM") from None
+        try:
+            ZoneInfo(parts[1])
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"session {text!r}: {parts[1]!r} is not an IANA time zone") from None
+        return cls(tod, parts[1])
+
+    def __str__(self) -> str:
+        return f"{self.time_of_day.strftime('%H:%M:%S')} {self.tz}"
+
+    def boundaries(self, first_year: int = 1990, last_year: int = 2100) -> np.ndarray:
+        """Session starts (int64 ns, UTC) for every calendar day of the years given, sorted."""
+        return _session_boundaries(self.time_of_day, self.tz, first_year, last_year)
+
+    def boundary_on(self, day: date) -> int:
+        """The session start on a local calendar day, in ns since the epoch."""
+        local = datetime.combine(day, self.time_of_day, tzinfo=ZoneInfo(self.tz))
+        return int(local.timestamp()) * NS_PER_SECOND + local.microsecond * 1000
+
+
+@lru_cache(maxsize=8)
+def _session_boundaries(tod: time, tz: str, first_year: int, last_year: int) -> np.ndarray:
+    # Offsets change only at DST transitions, so walk the days and ask the zone once per day:
+    # ~40k days take a few tens of milliseconds and are cached per process.
+    zone = ZoneInfo(tz)
+    day = date(first_year, 1, 1)
+    end = date(last_year + 1, 1, 1)
+    n = (end - day).days
+    base = datetime(first_year, 1, 1, tzinfo=UTC)
+    tod_seconds = tod.hour * 3600 + tod.minute * 60 + tod.second
+    out = np.empty(n, dtype=np.int64)
+    one_day = timedelta(days=1)
+    for i in range(n):
+        offset = zone.utcoffset(datetime.combine(day, tod))
+        out[i] = int((base - datetime(1970, 1, 1, tzinfo=UTC)).total_seconds()) + i * SECONDS_PER_DAY
+        out[i] += tod_seconds - int(offset.total_seconds())
+        day += one_day
+    out *= NS_PER_SECOND
+    out.setflags(write=False)
+    return out
+
+
+UTC_MIDNIGHT = Session(time(0, 0), "UTC")

@@ -1,0 +1,61 @@
+"""Timeframe parsing and session alignment."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+
+import numpy as np
+import pytest
+
+from streambars.timeframes import (
+    STANDARD_TIMEFRAMES,
+    Session,
+    TimeframeError,
+    parse_timeframe,
+    parse_timeframes,
+)
+
+
+def test_standard_names_round_trip():
+    assert [parse_timeframe(t).name for t in STANDARD_TIMEFRAMES] == list(STANDARD_TIMEFRAMES)
+    assert [t.seconds for t in parse_timeframes(list(STANDARD_TIMEFRAMES))] == [
+        1, 5, 10, 15, 30, 60, 120, 180, 300, 600, 900, 1800, 3600, 7200, 14400, 86400,
+    ]
+
+
+def test_equivalent_spellings_collapse():
+    assert parse_timeframes(["60s", "1min", "3600s", "1h"]) == parse_timeframes(["1min", "1h"])
+    assert parse_timeframe("7s").seconds == 7
+
+
+@pytest.mark.parametrize("bad", ["7x", "0s", "25h", "1.5min", "2d", "", "min", "-5s"])
+def test_refused_with_value_and_allowed(bad):
+    with pytest.raises(TimeframeError) as e:
+        parse_timeframe(bad)
+    assert repr(bad) in str(e.value) and "allowed" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("tz", "tod", "days", "utc_hours"),
+    [
+        # Spring forward 2024-03-10: CST (UTC-6) -> CDT (UTC-5).
+        ("America/Chicago", "17:00", ["2024-03-08", "2024-03-09", "2024-03-10", "2024-03-11"], [23, 23, 22, 22]),
+        # Fall back 2024-11-03.
+        ("America/Chicago", "17:00", ["2024-11-01", "2024-11-02", "2024-11-03", "2024-11-04"], [22, 22, 23, 23]),
+        ("America/New_York", "00:00", ["2024-03-09", "2024-03-10", "2024-03-11"], [5, 5, 4]),
+        ("America/New_York", "00:00", ["2024-11-02", "2024-11-03", "2024-11-04"], [4, 4, 5]),
+    ],
+)
+def test_session_boundaries_follow_dst(tz, tod, days, utc_hours):
+    s = Session.parse(f"{tod} {tz}")
+    b = s.boundaries()
+    for d, h in zip(days, utc_hours, strict=True):
+        ns = s.boundary_on(date.fromisoformat(d))
+        assert datetime.fromtimestamp(ns / 1e9, UTC).hour == h
+        assert b[np.searchsorted(b, ns)] == ns
+
+
+def test_bad_session_is_refused():
+    for text in ["17:00", "25:00 America/Chicago", "17:00 Nowhere/City"]:
+        with pytest.raises(ValueError):
+            Session.parse(text)
