@@ -1,0 +1,280 @@
+"""`streambars validate`: every rule over a store, with reports people act on.
+
+Modules, one job each:
+
+* ``checks``    -- the rules as pure functions over numpy arrays (per-record rules through
+                   ``streambars.rules.record_violations``, the engine's own definition)
+* ``series``    -- all single-series rules of one (symbol, timeframe), fed a slice at a time
+* ``crosstf``   -- every coarser bar against the aggregation of the finest stored bars
+* ``calendar``  -- Databento dataset -> exchange calendar -> trading hours (for gaps)
+* ``reference`` -- our 1min/1h/1d against Databento's own OHLCV bars (``--reference``)
+* ``walk``      -- one file, a UTC month at a time, through the store reader
+* ``report``    -- text, JSON and the terminal table
+
+Exit codes: 0 clean (warnings and info allowed), 1 an error-severity rule failed, 2 bad
+arguments or an unreadable store.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TextIO
+
+from ..errors import StoreError, UsageError
+from ..timeframes import Session, Timeframe, TimeframeError, parse_timeframe
+from .calendar import CalendarSpec, calendar_for
+from .checks import NS, fmt_duration
+from .reference import Fetcher, ReferenceUnavailable, default_fetcher
+from .report import Report, SeriesResult, iso
+from .series import Params
+from .walk import FileView, validate_file
+
+__all__ = ["Report", "SeriesResult", "UnreadableStoreError", "run_validate", "validate_store"]
+
+
+class UnreadableStoreError(StoreError):
+    """The store (or a file in it) cannot be read at all: exit code 2."""
+
+    exit_code = 2
+
+
+class StoreFileView:
+    """The walk's view of one store file, through :class:`streambars.store.StoreReader`."""
+
+    def __init__(self, reader, infos: list, session: Session):
+        first = infos[0]
+        self.reader = reader
+        self.dataset, self.symbol, self.path = first.dataset, first.symbol, str(first.path)
+        self.session = session
+        self._infos = {parse_timeframe(i.timeframe): i for i in infos}
+        self.timeframes = sorted(self._infos)
+
+    def extent(self, tf: Timeframe) -> tuple[int, int, int]:
+        i = self._infos[tf]
+        return (i.rows, i.first, i.last) if i.rows else (0, 0, 0)
+
+    def read(self, tf: Timeframe, start: int, end: int):
+        return self.reader.read(self.symbol, tf.name, start, end, dataset=self.dataset)
+
+
+def _file_session(path: Path, fallback: Session) -> tuple[Session, str]:
+    """The session written into the file's contract attributes (read-only, SWMR, no lock)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r", swmr=True, locking=False) as f:
+            text = f.attrs.get("session")
+    except OSError:
+        text = None
+    if text is None:
+        return fallback, f"{path}: no session attribute; using bars.session = {fallback}"
+    try:
+        return Session.parse(str(text)), ""
+    except ValueError as e:
+        raise UnreadableStoreError(f"{path}: session attribute {text!r} is not valid: {e}") from None
+
+
+def parse_time(value: str | None, what: str) -> int | None:
+    """'2024-03-01', '2024-03', '2024-03-01T14:30:00Z' (UTC when no zone) -> ns."""
+    if value is None or value == "":
+        return None
+    import pandas as pd
+
+    text = str(value).strip()
+    try:
+        ts = pd.Timestamp(text + "-01" if len(text) == 7 and text[4] == "-" else text)
+    except (ValueError, TypeError):
+        ts = None
+    if ts is None or ts is pd.NaT:
+        raise UsageError(
+            f"--{what} {value!r} is not a date or time: use YYYY-MM-DD, YYYY-MM or ISO-8601 "
+            "(2024-03-01T14:30:00Z; UTC when no zone is given)"
+        )
+    ts = ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+    return int(ts.value)
+
+
+def params_from(settings) -> Params:
+    v = settings.validation
+    return Params(
+        max_volume=int(v.max_volume),
+        price_jump=float(v.price_jump),
+        gap_ns=int(v.gap.seconds) * NS,
+        volume_sigma=float(v.volume_outlier_sigma),
+    )
+
+
+def validate_store(
+    settings,
+    *,
+    dataset: str | None = None,
+    symbols: list[str] | None = None,
+    timeframes: list[str] | None = None,
+    start: str | int | None = None,
+    end: str | int | None = None,
+    reference: bool = False,
+    fetcher: Fetcher | None = None,
+    env_file: str | None = None,
+    store: Path | str | None = None,
+) -> Report:
+    """Validate a store; the report (``exit_code`` 0/1). Raises UsageError / UnreadableStoreError."""
+    from ..store import open_store
+
+    root = Path(store if store is not None else settings.store.path)
+    t0 = start if isinstance(start, int) else parse_time(start, "start")
+    t1 = end if isinstance(end, int) else parse_time(end, "end")
+    if t0 is not None and t1 is not None and t1 <= t0:
+        raise UsageError(f"--end {iso(t1)} is not after --start {iso(t0)}")
+    selected = None
+    if timeframes:
+        try:
+            selected = sorted({parse_timeframe(t) for t in _split(timeframes)})
+        except TimeframeError as e:
+            raise UsageError(f"--timeframe: {e}") from None
+    wanted_symbols = _split(symbols) if symbols else None
+
+    params = params_from(settings)
+    report = Report(str(root), datetime.now(UTC), range_start=t0, range_end=t1)
+    report.parameters = {
+        "max_volume": params.max_volume or "off",
+        "price_jump": f"open/close more than {params.price_jump:.1%} from the previous close",
+        "gap": f"no bar for more than {fmt_duration(params.gap_ns)} of trading time "
+        "(checked on the finest selected timeframe)",
+        "volume_outlier": f"log(1+volume) more than {params.volume_sigma:g} robust sigmas "
+        "(median/MAD) above the median of its UTC month",
+    }
+
+    if not root.exists():
+        raise UnreadableStoreError(f"no store at {root} (set --store or store.path)")
+    try:
+        reader = open_store(root)
+    except StoreError as e:
+        raise UnreadableStoreError(str(e)) from None
+    with reader:
+        try:
+            infos = reader.series()
+        except (OSError, StoreError) as e:
+            raise UnreadableStoreError(f"cannot read {root}: {e}") from None
+        groups: dict[tuple[str, str], list] = defaultdict(list)
+        for info in infos:
+            groups[(info.dataset, info.symbol)].append(info)
+        if not groups:
+            raise UnreadableStoreError(f"no bar files in {root}")
+        chosen = _select(groups, dataset, wanted_symbols, selected)
+
+        fetch: Fetcher | None = None
+        ref_error: str | None = None
+        if reference:
+            try:
+                fetch = fetcher or default_fetcher(settings, env_file)
+            except ReferenceUnavailable as e:
+                ref_error = f"--reference unavailable: {e}"
+                report.notes.append(ref_error)
+
+        calendars: dict[str, CalendarSpec] = {}
+        for key in chosen:
+            ds, sym = key
+            file_infos = groups[key]
+            if ds not in calendars:
+                try:
+                    calendars[ds] = calendar_for(settings.validation.calendar, ds)
+                except ValueError as e:
+                    raise UsageError(str(e)) from None
+                report.notes.append(f"{ds}: trading calendar {calendars[ds]}: {calendars[ds].note}")
+            session, note = _file_session(file_infos[0].path, settings.bars.session)
+            if note:
+                report.notes.append(note)
+            view: FileView = StoreFileView(reader, file_infos, session)
+            tfs = None
+            if selected is not None:
+                tfs = [tf for tf in selected if tf in view.timeframes]
+            try:
+                outcome = validate_file(view, tfs, params, calendars[ds], t0, t1, fetch, ref_error)
+            except (OSError, StoreError) as e:
+                raise UnreadableStoreError(f"cannot read {file_infos[0].path}: {e}") from None
+            report.series += outcome.results
+            report.notes += outcome.notes
+    report.finished = datetime.now(UTC)
+    return report
+
+
+def _split(values: list[str]) -> list[str]:
+    out = []
+    for v in values:
+        out += [x.strip() for x in str(v).split(",") if x.strip()]
+    return out
+
+
+def _select(groups, dataset, symbols, selected) -> list[tuple[str, str]]:
+    keys = sorted(groups)
+    if dataset:
+        have = sorted({d for d, _ in keys})
+        keys = [k for k in keys if k[0] == dataset]
+        if not keys:
+            raise UsageError(f"--dataset {dataset!r} is not in the store (it has: {', '.join(have)})")
+    if symbols:
+        have = sorted({s for _, s in keys})
+        missing = [s for s in symbols if s not in have]
+        if missing:
+            raise UsageError(
+                f"--symbol {', '.join(missing)} not in the store (it has: {', '.join(have) or 'none'})"
+            )
+        keys = [k for k in keys if k[1] in symbols]
+    if selected:
+        stored = {parse_timeframe(i.timeframe) for k in keys for i in groups[k]}
+        missing = [tf.name for tf in selected if tf not in stored]
+        if missing:
+            raise UsageError(
+                f"--timeframe {', '.join(missing)} is not stored "
+                f"(stored: {', '.join(t.name for t in sorted(stored))})"
+            )
+    return keys
+
+
+def run_validate(
+    settings,
+    *,
+    dataset: str | None = None,
+    symbols: list[str] | None = None,
+    timeframes: list[str] | None = None,
+    start: str | None = None,
+    end: str | None = None,
+    report_path: str | Path | None = None,
+    json_path: str | Path | None = None,
+    reference: bool = False,
+    env_file: str | None = None,
+    out: TextIO | None = None,
+    fetcher: Fetcher | None = None,
+) -> int:
+    """The CLI's `validate`: validate, write the text (and JSON) report, print a table.
+
+    Returns 0 clean (warnings/info allowed) or 1 when an error-severity rule failed; raises
+    UsageError / UnreadableStoreError (exit 2) for bad arguments or an unreadable store.
+    """
+    from ..cli import format_table
+
+    out = out or sys.stdout
+    report = validate_store(
+        settings, dataset=dataset, symbols=symbols, timeframes=timeframes, start=start, end=end,
+        reference=reference, fetcher=fetcher, env_file=env_file,
+    )  # fmt: skip
+    root = Path(settings.store.path)
+    if report_path is None:
+        stamp = report.started.strftime("%Y%m%dT%H%M%SZ")
+        report_path = root / "logs" / f"validate-{stamp}.txt"
+    print(format_table(report.table_rows()), file=out)
+    for note in report.notes:
+        print(f"note: {note}", file=out)
+    print(report.verdict, file=out)
+    try:
+        report.write_text(Path(report_path))
+        print(f"report: {report_path}", file=out)
+        if json_path:
+            report.write_json(Path(json_path))
+            print(f"json: {json_path}", file=out)
+    except OSError as e:
+        raise StoreError(f"cannot write the validation report: {e}") from None
+    return report.exit_code
