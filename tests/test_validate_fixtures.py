@@ -80,6 +80,7 @@ class ArrayView:
     bars: dict[str, np.ndarray]
     dataset: str = "GLBX.MDP3"
     symbol: str = "ES.c.0"
+    stype: str = "continuous"
     path: str = "<memory>"
     session: Session = CME_SESSION
     timeframes: list[Timeframe] = field(default_factory=list)

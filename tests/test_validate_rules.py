@@ -121,6 +121,9 @@ def test_gaps_only_count_trading_time():
     # 1101..1500 (399s); 1501..1950 (449s)
     assert (starts // NS).tolist() == [101, 1101, 1501]
     assert (lengths // NS).tolist() == [489, 399, 449]
+    # one hole over a close and a reopen: each trading stretch longer than the limit is a gap
+    s1, l1, _ = gaps_in_session(np.array([0, 1999]) * NS, np.array([1, 2000]) * NS, opens, closes, 300 * NS)
+    assert (s1 // NS).tolist() == [1, 1000] and (l1 // NS).tolist() == [599, 999]
     assert end == 1951 * NS
     s2, _, _ = gaps_in_session(ts[3:], ts[3:] + NS, opens, closes, 300 * NS, prev_end=101 * NS)
     assert (s2 // NS).tolist() == [101, 1101, 1501]

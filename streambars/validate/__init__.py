@@ -27,7 +27,7 @@ from ..errors import StoreError, UsageError
 from ..timeframes import Session, Timeframe, TimeframeError, parse_timeframe
 from .calendar import CalendarSpec, calendar_for
 from .checks import NS, fmt_duration
-from .reference import Fetcher, ReferenceUnavailable, default_fetcher
+from .reference import Fetcher, ReferenceUnavailable, historical_fetcher
 from .report import Report, SeriesResult, iso
 from .series import Params
 from .walk import FileView, validate_file
@@ -44,11 +44,11 @@ class UnreadableStoreError(StoreError):
 class StoreFileView:
     """The walk's view of one store file, through :class:`streambars.store.StoreReader`."""
 
-    def __init__(self, reader, infos: list, session: Session):
+    def __init__(self, reader, infos: list, session: Session, stype: str):
         first = infos[0]
         self.reader = reader
         self.dataset, self.symbol, self.path = first.dataset, first.symbol, str(first.path)
-        self.session = session
+        self.session, self.stype = session, stype
         self._infos = {parse_timeframe(i.timeframe): i for i in infos}
         self.timeframes = sorted(self._infos)
 
@@ -60,19 +60,22 @@ class StoreFileView:
         return self.reader.read(self.symbol, tf.name, start, end, dataset=self.dataset)
 
 
-def _file_session(path: Path, fallback: Session) -> tuple[Session, str]:
-    """The session written into the file's contract attributes (read-only, SWMR, no lock)."""
+def _file_contract(path: Path, settings) -> tuple[Session, str, str]:
+    """(session, stype, note) from the file's contract attributes (read-only, SWMR, no lock)."""
     import h5py
 
     try:
         with h5py.File(path, "r", swmr=True, locking=False) as f:
-            text = f.attrs.get("session")
+            attrs = {k: f.attrs.get(k) for k in ("session", "stype")}
     except OSError:
-        text = None
+        attrs = {}
+    stype = str(attrs.get("stype") or settings.databento.stype_in)
+    text = attrs.get("session")
     if text is None:
-        return fallback, f"{path}: no session attribute; using bars.session = {fallback}"
+        fallback = settings.bars.session
+        return fallback, stype, f"{path}: no session attribute; daily bars checked against {fallback}"
     try:
-        return Session.parse(str(text)), ""
+        return Session.parse(str(text)), stype, ""
     except ValueError as e:
         raise UnreadableStoreError(f"{path}: session attribute {text!r} is not valid: {e}") from None
 
@@ -169,7 +172,7 @@ def validate_store(
         ref_error: str | None = None
         if reference:
             try:
-                fetch = fetcher or default_fetcher(settings, env_file)
+                fetch = fetcher or historical_fetcher(settings, env_file)
             except ReferenceUnavailable as e:
                 ref_error = f"--reference unavailable: {e}"
                 report.notes.append(ref_error)
@@ -184,10 +187,10 @@ def validate_store(
                 except ValueError as e:
                     raise UsageError(str(e)) from None
                 report.notes.append(f"{ds}: trading calendar {calendars[ds]}: {calendars[ds].note}")
-            session, note = _file_session(file_infos[0].path, settings.bars.session)
+            session, stype, note = _file_contract(file_infos[0].path, settings)
             if note:
                 report.notes.append(note)
-            view: FileView = StoreFileView(reader, file_infos, session)
+            view: FileView = StoreFileView(reader, file_infos, session, stype)
             tfs = None
             if selected is not None:
                 tfs = [tf for tf in selected if tf in view.timeframes]

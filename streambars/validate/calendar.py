@@ -144,9 +144,13 @@ def _day(ns: int) -> date:
 
 @lru_cache(maxsize=16)
 def _sessions(name: str, first: date, last: date) -> tuple[np.ndarray, np.ndarray]:
+    import warnings
+
     import exchange_calendars as xc
 
-    cal = xc.get_calendar(name, start=first.isoformat(), end=last.isoformat())
+    with warnings.catch_warnings():  # pandas deprecations raised inside exchange_calendars
+        warnings.simplefilter("ignore")
+        cal = xc.get_calendar(name, start=first.isoformat(), end=last.isoformat())
     sched = cal.schedule
     opens = sched["open"].to_numpy(dtype="datetime64[ns]").astype(np.int64)
     closes = sched["close"].to_numpy(dtype="datetime64[ns]").astype(np.int64)

@@ -202,31 +202,29 @@ def volume_outlier_rows(volume: np.ndarray, sigma: float, min_bars: int = 20) ->
 
 @numba.njit(cache=True)
 def _gap_pass(ts, ends, prev_end, opens, closes, threshold_ns, out_start, out_len):
-    """Longest in-session stretch of each empty interval between bars, if > threshold.
+    """Each in-session stretch of each empty interval between bars longer than the threshold.
 
-    The empty interval after a bar is [its end, next ts). Out-of-order rows are
-    skipped (they are ts_not_increasing's). Returns (found, prev_end).
+    The empty interval after a bar is [its end, next ts); every trading interval it
+    overlaps by more than ``threshold_ns`` is one gap (a hole across a close and a reopen is
+    two). Out-of-order rows are skipped (they are ts_not_increasing's). Returns (found,
+    prev_end); stops adding when ``out_start`` is full.
     """
     k = 0
     ns = opens.shape[0]
+    cap = out_start.shape[0]
     for i in range(ts.shape[0]):
         t = ts[i]
         if prev_end >= 0 and t - prev_end > threshold_ns:
             a = prev_end
             j = np.searchsorted(closes, a, side="right")
-            best = 0
-            best_start = a
             while j < ns and opens[j] < t:
                 lo = max(a, opens[j])
                 hi = min(t, closes[j])
-                if hi - lo > best:
-                    best = hi - lo
-                    best_start = lo
+                if hi - lo > threshold_ns and k < cap:
+                    out_start[k] = lo
+                    out_len[k] = hi - lo
+                    k += 1
                 j += 1
-            if best > threshold_ns and k < out_start.shape[0]:
-                out_start[k] = best_start
-                out_len[k] = best
-                k += 1
         end = ends[i]
         if end > prev_end:
             prev_end = end
@@ -244,12 +242,12 @@ def gaps_in_session(
     """Gaps: stretches inside trading hours with no bar, longer than ``threshold_ns``.
 
     ``ends``: each bar's interval end (ts + timeframe; the next session boundary for daily
-    bars). ``opens``/``closes``: sorted disjoint trading intervals. Returns the start and length
-    (ns) of the longest in-session stretch of each empty interval that exceeds the
-    threshold, and the end of the last bar (carry to the next slice).
+    bars). ``opens``/``closes``: sorted disjoint trading intervals. Returns the start and
+    length (ns) of every gap, and the end of the last bar (carry to the next slice).
     """
-    out_s = np.empty(ts.shape[0] + 1, np.int64)
-    out_l = np.empty(ts.shape[0] + 1, np.int64)
+    cap = ts.shape[0] + opens.shape[0] + 1
+    out_s = np.empty(cap, np.int64)
+    out_l = np.empty(cap, np.int64)
     k, end = _gap_pass(
         ts, np.ascontiguousarray(ends, np.int64), np.int64(prev_end), opens, closes, np.int64(threshold_ns), out_s, out_l
     )

@@ -283,9 +283,9 @@ class CrossTimeframe:
                 keep = ends <= complete_until
                 lv.skipped_partial += int((~keep).sum())
                 lv.coarse = [bars[keep]]
-            self._settle(lv, I64_MAX, final=True)
+            self._settle(lv, I64_MAX, final=True, complete_until=complete_until)
 
-    def _settle(self, lv: Level, limit: int, final: bool = False) -> None:
+    def _settle(self, lv: Level, limit: int, final: bool = False, complete_until: int | None = None) -> None:
         """Compare stored bars and buckets whose intervals are complete (key < limit)."""
         if not lv.coarse and not lv.buckets and not lv.tail:
             return
@@ -305,6 +305,8 @@ class CrossTimeframe:
         bts, details, matched = compare(bars, keys, buckets)
         lv.tally.add(bts, details)
         missing = ~matched & (buckets.ts >= lv.start)
+        if complete_until is not None and len(buckets):
+            missing &= lv.agg.end_of(buckets.ts) <= complete_until  # partly read: not judged
         # after the last stored bar the coarse bar may simply not be closed yet (a live file)
         later = buckets.ts > lv.max_coarse
         if not final:

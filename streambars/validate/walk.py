@@ -30,6 +30,7 @@ class FileView(Protocol):
 
     dataset: str
     symbol: str
+    stype: str
     path: str
     session: Session
     timeframes: Sequence[Timeframe]  # stored, ascending
@@ -192,9 +193,12 @@ def validate_file(
 
 def _reference(view, tf, schema, lo, hi, bounds, fetch, r: SeriesResult) -> None:
     try:
-        ref = fetch(view.dataset, view.symbol, schema, lo, hi)
+        ref = fetch(view.dataset, view.symbol, view.stype, schema, lo, hi)
     except ReferenceUnavailable as e:
         r.skipped["reference_mismatch"] = str(e)
+        return
+    except Exception as e:  # a download that failed after its retries: say so, go on
+        r.skipped["reference_mismatch"] = f"Databento's {schema} could not be fetched: {e}"
         return
     ours = view.read(tf, lo, hi)
     if tf.is_daily and ref.shape[0]:
