@@ -1,0 +1,299 @@
+"""The aggregation engine: records in, closed bars of every timeframe out, validated inline.
+
+:class:`Aggregator` owns the plain-numpy state of :mod:`.kernel` and feeds it batches. It is
+cheap to call with one record (live) and streams any batch size through a bounded, reused
+output buffer (backfill); the bars never depend on how the input was split into batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..errors import RuleViolationError
+from ..records import INPUT_INTERVAL_NS, INPUT_KINDS, TAGGED_BAR_DTYPE, BarBatch, RecordBatch
+from ..rules import ALWAYS_DROP_MASK, RECORD_RULE_NAMES, RULES, Policy, policy_array
+from ..timeframes import Session, Timeframe, parse_timeframe
+from . import kernel as K
+
+__all__ = ["Aggregator", "STATE_LAYOUT_VERSION"]
+
+#: Bumped whenever the meaning of the saved state arrays changes.
+STATE_LAYOUT_VERSION = 1
+
+_NO_BARS = np.empty(0, TAGGED_BAR_DTYPE)
+_NO_BARS.setflags(write=False)
+
+
+_COLUMN_DTYPES = (np.int32, np.int64, np.int64, np.int64, np.int64, np.int64, np.uint64)
+
+
+def _join(parts: list[np.ndarray]) -> np.ndarray:
+    if not parts:
+        return _NO_BARS
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+class Aggregator:
+    """Every requested timeframe of every series, in one pass, with per-record validation.
+
+    ``timeframes``: strings ("5min") or :class:`Timeframe`; sorted ascending, and a bar's
+    ``timeframe`` field indexes :attr:`timeframes`. ``input_kind``: "ohlcv-1s", "ohlcv-1m"
+    or "trades". ``session``: where daily bars start. ``policies``: rule name -> "flag" |
+    "drop" | "fail" for the per-record rules (others get ``default_policy``). ``max_volume``:
+    a record's volume above it breaks volume_absurd (0: no ceiling). ``series_names``: how
+    errors name a series (a sequence or a :class:`~streambars.records.SeriesRegistry`).
+    """
+
+    def __init__(
+        self,
+        timeframes: Sequence[str | Timeframe],
+        *,
+        input_kind: str,
+        session: Session,
+        policies: dict[str, Policy | str] | None = None,
+        default_policy: Policy | str = "flag",
+        max_volume: int = 0,
+        out_capacity: int = 65536,
+        series_names=None,
+    ):
+        if input_kind not in INPUT_KINDS:
+            raise ValueError(f"input_kind {input_kind!r} is not one of {', '.join(INPUT_KINDS)}")
+        tfs = tuple(sorted({t if isinstance(t, Timeframe) else parse_timeframe(t) for t in timeframes}))
+        if not tfs:
+            raise ValueError("no timeframes given")
+        self.timeframes: tuple[Timeframe, ...] = tfs
+        self.input_kind = input_kind
+        self.session = session
+        self.series_names = series_names
+        interval = INPUT_INTERVAL_NS[input_kind]
+        daily = any(t.is_daily for t in tfs)
+        bounds = session.boundaries() if daily else np.zeros(1, np.int64)
+        for t in tfs:
+            if interval and (t.nanos % interval or (t.is_daily and np.any(bounds % interval))):
+                raise ValueError(
+                    f"timeframe {t.name} cannot be built from {input_kind} records: every "
+                    f"timeframe (and the session boundary {session}) must be a whole multiple "
+                    f"of the input interval ({interval // 1_000_000_000} s)"
+                )
+        self._bounds = np.array(bounds, dtype=np.int64)  # writable: the kernel signature wants it
+
+        n = len(tfs)
+        cfg = np.zeros((n, K.N_CFG_FIELDS), np.int64)
+        for k, t in enumerate(tfs):
+            cfg[k, K.C_NANOS] = t.nanos
+            cfg[k, K.C_DAILY] = int(t.is_daily)
+            cfg[k, K.C_SOURCE] = self._source(k)
+        for k in range(n):
+            if cfg[k, K.C_SOURCE] >= 0:
+                cfg[cfg[k, K.C_SOURCE], K.C_CHILDREN] += 1
+        self._cfg = cfg
+        self.sources: tuple[int, ...] = tuple(int(x) for x in cfg[:, K.C_SOURCE])
+
+        pol = policy_array(policies or {}, default_policy)
+        par = np.zeros(K.N_PAR_FIELDS, np.int64)
+        par[K.P_STRICT] = int(input_kind != "trades")  # bars strictly increasing, trades may tie
+        par[K.P_INTERVAL] = interval
+        par[K.P_MAX_VOLUME] = np.uint64(max_volume).view(np.int64) if max_volume else 0
+        par[K.P_LAST_ROOT] = max(k for k in range(n) if cfg[k, K.C_SOURCE] < 0)
+        par[K.P_DROP_MASK] = ALWAYS_DROP_MASK | sum(1 << b for b in range(len(pol)) if pol[b] == Policy.DROP)
+        par[K.P_FAIL_MASK] = sum(1 << b for b in range(len(pol)) if pol[b] == Policy.FAIL)
+        self._par = par
+        self.policies = {name: Policy(int(pol[b])) for b, name in enumerate(RECORD_RULE_NAMES)}
+
+        self._out = np.empty(max(int(out_capacity), 2 * n), TAGGED_BAR_DTYPE)
+        self._out_bytes = memoryview(self._out.view(np.uint8))
+        self._floor = -1
+        self._lv = np.zeros((0, n, K.N_LEVEL_FIELDS), np.int64)
+        self._ser = np.zeros((0, K.N_SERIES_FIELDS), np.int64)
+
+    # -- set-up ----------------------------------------------------------------------------
+
+    def _source(self, k: int) -> int:
+        """The coarsest finer level whose every interval lies inside one interval of level k."""
+        tk = self.timeframes[k]
+        for j in range(k - 1, -1, -1):
+            tj = self.timeframes[j]
+            if tk.is_daily:
+                if tj.divides_day and not np.any(self._bounds % tj.nanos):
+                    return j
+            elif tk.seconds % tj.seconds == 0:
+                return j
+        return -1
+
+    @property
+    def n_series(self) -> int:
+        return int(self._lv.shape[0])
+
+    def _grow(self, n_series: int) -> None:
+        old = self.n_series
+        if n_series <= old:
+            return
+        lv = np.zeros((n_series, len(self.timeframes), K.N_LEVEL_FIELDS), np.int64)
+        lv[:old] = self._lv
+        ser = np.zeros((n_series, K.N_SERIES_FIELDS), np.int64)
+        ser[:old] = self._ser
+        ser[old:, K.S_LAST] = -1
+        ser[old:, K.S_FLOOR] = self._floor
+        self._lv, self._ser = lv, ser
+
+    def _name(self, series: int) -> str:
+        names = getattr(self.series_names, "names", self.series_names)
+        if names is not None and 0 <= series < len(names):
+            return str(names[series])
+        return f"series {series}"
+
+    # -- feeding ---------------------------------------------------------------------------
+
+    def process(self, batch: RecordBatch) -> BarBatch:
+        """Fold a batch in; returns the bars it closed, in closing order.
+
+        Raises :class:`RuleViolationError` (with ``.bars``: the bars closed before the bad
+        record, ``.index``: its position in the batch) when a rule with policy fail is broken;
+        the state then holds everything before that record, so the caller may go on after it.
+        """
+        if batch.kind != self.input_kind:
+            raise ValueError(f"a {batch.kind} batch given to an aggregator of {self.input_kind} records")
+        cols = (batch.series, batch.ts_event, batch.open, batch.high, batch.low, batch.close, batch.volume)
+        if cols[1].shape[0] == 0:
+            return BarBatch(_NO_BARS)
+        try:
+            done, nout, status, info = K.aggregate(
+                *cols, 0, self._lv, self._ser, self._cfg, self._par, self._bounds, self._out
+            )
+        except TypeError:  # another dtype or a non-contiguous or read-only view: convert once
+            cols = tuple(np.require(c, dt, "CW") for c, dt in zip(cols, _COLUMN_DTYPES, strict=True))
+            done, nout, status, info = K.aggregate(
+                *cols, 0, self._lv, self._ser, self._cfg, self._par, self._bounds, self._out
+            )
+        if status == K.OK:  # the usual case: one call
+            return BarBatch(self._take(nout) if nout else _NO_BARS)
+        parts = []
+        while True:
+            if nout:
+                parts.append(self._take(nout))
+            if status == K.OK:
+                break
+            if status == K.GROW:
+                self._grow(info + 1)
+            elif status == K.BAD_SERIES:
+                raise ValueError(f"record {done} of the batch has a negative series index {info}")
+            elif status == K.FAIL:
+                raise self._violation(cols, done, info, parts)
+            done, nout, status, info = K.aggregate(
+                *cols, done, self._lv, self._ser, self._cfg, self._par, self._bounds, self._out
+            )
+        return BarBatch(_join(parts))
+
+    def _take(self, nout: int) -> np.ndarray:
+        """A fresh copy of the first ``nout`` output rows (a byte copy: copying a packed
+        structured array field by field is an order of magnitude slower)."""
+        return np.frombuffer(bytearray(self._out_bytes[: nout * TAGGED_BAR_DTYPE.itemsize]), TAGGED_BAR_DTYPE)
+
+    def _violation(self, cols, index: int, bit: int, parts: list[np.ndarray]) -> RuleViolationError:
+        series, ts = int(cols[0][index]), int(cols[1][index])
+        err = RuleViolationError(RECORD_RULE_NAMES[bit], self._name(series), ts, f"record {index} of the batch")
+        err.bars = BarBatch(_join(parts))
+        err.index = index
+        err.series_index = series
+        return err
+
+    def flush(self, until_ts: int) -> BarBatch:
+        """Close every running bar whose interval ends at or before ``until_ts``.
+
+        From then on a record with ``ts_event < until_ts`` is late: counted as
+        ts_not_increasing and dropped, so a closed bar is never reopened or duplicated.
+        """
+        until = int(until_ts)
+        self._floor = max(self._floor, until)
+        return self._flush(until, False)
+
+    def finish(self) -> BarBatch:
+        """End of input: close every running bar (a later record inside one of them is late)."""
+        return self._flush(np.iinfo(np.int64).max, True)
+
+    def _flush(self, until: int, close_all: bool) -> BarBatch:
+        parts = []
+        s = 0
+        while s < self.n_series:
+            s, nout = K.flush(until, close_all, s, self._lv, self._ser, self._cfg, self._par, self._bounds, self._out)
+            if nout:
+                parts.append(self._take(nout))
+        return BarBatch(_join(parts))
+
+    # -- counters --------------------------------------------------------------------------
+
+    @property
+    def counts(self) -> np.ndarray:
+        """Per-record rule violations so far, int64 (series, rule in RECORD_RULE_NAMES order)."""
+        return self._ser[:, K.S_COUNTS:K.S_COUNTS + len(RECORD_RULE_NAMES)].copy()
+
+    def first_violations(self, series: int, rule: str | int) -> list[int]:
+        """The first (up to 8) ``ts_event`` of records of ``series`` that broke ``rule``."""
+        bit = rule if isinstance(rule, int) else RULES[rule].bit
+        if not 0 <= bit < len(RECORD_RULE_NAMES):
+            raise ValueError(f"{rule!r} is not a per-record rule ({', '.join(RECORD_RULE_NAMES)})")
+        if not 0 <= series < self.n_series:
+            return []
+        n = min(int(self._ser[series, K.S_COUNTS + bit]), K.N_FIRST)
+        first = K.S_FIRST + bit * K.N_FIRST
+        return [int(x) for x in self._ser[series, first:first + n]]
+
+    # -- state -----------------------------------------------------------------------------
+
+    def _layout(self) -> dict[str, np.ndarray]:
+        return {
+            "layout": np.array(
+                [STATE_LAYOUT_VERSION, K.N_LEVEL_FIELDS, K.N_SERIES_FIELDS, INPUT_INTERVAL_NS[self.input_kind],
+                 int(self._par[K.P_STRICT])],
+                np.int64,
+            ),
+            "timeframes": np.array([t.seconds for t in self.timeframes], np.int64),
+            "session": np.array(str(self.session)),
+        }
+
+    def _check_layout(self, state: dict[str, np.ndarray]) -> None:
+        for key, mine in self._layout().items():
+            theirs = state.get(key)
+            if theirs is None or np.asarray(theirs).shape != mine.shape or not np.array_equal(theirs, mine):
+                raise ValueError(
+                    f"saved engine state does not fit this aggregator: {key} is "
+                    f"{None if theirs is None else np.asarray(theirs).tolist()}, expected {mine.tolist()}"
+                )
+
+    def get_series_state(self, series: int) -> dict[str, np.ndarray]:
+        """One series' state as plain arrays (running bars, clock, counters); see set_series_state."""
+        if not 0 <= series < self.n_series:
+            self._grow(series + 1)
+        return {"levels": self._lv[series].copy(), "series": self._ser[series].copy(), **self._layout()}
+
+    def set_series_state(self, series: int, state: dict[str, np.ndarray]) -> None:
+        """Restore one series exactly as :meth:`get_series_state` saved it (growing if needed)."""
+        self._check_layout(state)
+        levels = np.asarray(state["levels"], np.int64)
+        ser = np.asarray(state["series"], np.int64)
+        if levels.shape != self._lv.shape[1:] or ser.shape != self._ser.shape[1:]:
+            raise ValueError(f"saved engine state has shapes {levels.shape}, {ser.shape}")
+        self._grow(series + 1)
+        self._lv[series] = levels
+        self._ser[series] = ser
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        """The whole aggregator's state (every series) as plain arrays."""
+        return {
+            "levels": self._lv.copy(),
+            "series": self._ser.copy(),
+            "floor": np.array(self._floor, np.int64),
+            **self._layout(),
+        }
+
+    def set_state(self, state: dict[str, np.ndarray]) -> None:
+        """Restore what :meth:`get_state` saved (replacing every series)."""
+        self._check_layout(state)
+        levels = np.array(state["levels"], np.int64)
+        ser = np.array(state["series"], np.int64)
+        if levels.shape[1:] != self._lv.shape[1:] or ser.shape[1:] != self._ser.shape[1:] or len(levels) != len(ser):
+            raise ValueError(f"saved engine state has shapes {levels.shape}, {ser.shape}")
+        self._lv, self._ser = np.ascontiguousarray(levels), np.ascontiguousarray(ser)
+        self._floor = int(state["floor"])
