@@ -1,0 +1,237 @@
+"""What a store file looks like: names, paths, attributes, chunking, and the meta blobs.
+
+One file per symbol, ``<root>/<dataset>/<escaped symbol>.h5``::
+
+    /                           attrs: the bar contract (format, format_version, dataset, symbol,
+                                stype, price_scale, session, timeframes, ts_event, libver, ...)
+    /bars/<tf>                  BAR_DTYPE rows, chunked, resizable; attrs timeframe, seconds,
+                                index_stride (= rows per chunk)
+    /meta/high_water_marks      int64 (n_timeframes,): last ts_event written per timeframe
+                                (order in its ``timeframes`` attr), -1 when empty
+    /meta/chunk_first_ts/<tf>   int64: ts_event of rows 0, stride, 2*stride, ... (the reader's
+                                binary-search index: one small read, then one or two chunks)
+    /meta/<blob>                uint8 (2, n): two slots, each a header + payload; the newest
+                                slot whose checksum holds wins, so a crash mid-write loses at
+                                most the update being written, never the previous one
+
+Everything is created before the writer switches to SWMR: under SWMR only dataset
+contents and shapes may change (attribute writes can leave the file unusable).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..errors import StoreError
+from ..naming import filename_to_symbol as _filename_to_symbol
+from ..naming import symbol_to_filename as _symbol_to_filename
+from ..records import BAR_DTYPE, FIXED_PRICE_SCALE
+from ..timeframes import Session, Timeframe, parse_timeframe
+
+FORMAT = "streambars-bars"
+FORMAT_VERSION = 1
+#: v110 = superblock v3: SWMR works, and HDF5 1.10 (Debian's h5dump) and 1.14 (PyTables,
+#: pandas) still open the file; 'latest' under HDF5 2.0 writes objects they cannot read.
+LIBVER = ("v110", "v110")
+SUFFIX = ".h5"
+TS_CONVENTION = (
+    "int64 ns since the UNIX epoch, UTC; the open of the interval [ts_event, ts_event + timeframe)"
+)
+PRICE_CONVENTION = "int64 fixed-point, price = value / price_scale"
+
+BARS = "bars"
+META = "meta"
+HWM = "meta/high_water_marks"
+INDEX = "meta/chunk_first_ts"
+META_BLOBS: tuple[str, ...] = ("engine_state", "progress")
+
+#: Coarse timeframes get smaller chunks (rows ~ chunk_rows * finest / tf), never below this.
+MIN_CHUNK_ROWS = 64
+INDEX_CHUNK = 1024
+BLOB_CHUNK = 4096
+
+_BLOB_HEADER = struct.Struct("<4sQQI")  # magic, sequence, payload length, crc32
+_BLOB_MAGIC = b"SBM1"
+
+
+def symbol_to_filename(symbol: str) -> str:
+    """Reversible, filesystem-safe name for a symbol (no suffix): 'BRN FMJ0024!' -> 'BRN%20FMJ0024%21'."""
+    return _symbol_to_filename(symbol)
+
+
+def filename_to_symbol(name: str) -> str:
+    """The inverse of :func:`symbol_to_filename`; a trailing '.h5' is ignored."""
+    if name.endswith(SUFFIX):
+        name = name[: -len(SUFFIX)]
+    return _filename_to_symbol(name)
+
+
+def file_path(root: Path | str, dataset: str, symbol: str) -> Path:
+    """``<root>/<dataset>/<escaped symbol>.h5``."""
+    if not dataset or "/" in dataset or dataset.startswith("."):
+        raise StoreError(f"dataset name {dataset!r} cannot be a directory name in the store")
+    return Path(root) / dataset / (symbol_to_filename(symbol) + SUFFIX)
+
+
+def store_files(path: Path) -> list[Path]:
+    """Store files under a store root (``*/*.h5``), a dataset directory (``*.h5``) or one file."""
+    if path.is_file():
+        return [path]
+    found = list(path.glob("*" + SUFFIX)) + list(path.glob("*/*" + SUFFIX))
+    return sorted(p for p in found if not p.name.startswith(".") and p.is_file())
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (after a rename into it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def chunk_rows_by_timeframe(timeframes: Sequence[Timeframe], chunk_rows: int) -> dict[str, int]:
+    """Rows per chunk: ``chunk_rows`` for the finest timeframe, proportionally fewer (a power
+    of two, at least MIN_CHUNK_ROWS) for coarser ones, so a day of 1d bars does not sit in
+    a 200 kB chunk. Measured in bench/store.py (bytes on disk per row after a day)."""
+    finest = min(tf.seconds for tf in timeframes)
+    out = {}
+    for tf in timeframes:
+        rows = chunk_rows * finest // tf.seconds
+        if rows < chunk_rows:
+            rows = max(MIN_CHUNK_ROWS, 1 << (max(rows, 1).bit_length() - 1))
+        out[tf.name] = min(rows, chunk_rows)
+    return out
+
+
+def create_layout(
+    f: h5py.File,
+    *,
+    dataset: str,
+    symbol: str,
+    stype: str,
+    timeframes: Sequence[Timeframe],
+    session: Session,
+    chunk_rows: int,
+    created_by: str,
+) -> None:
+    """Every group, dataset and attribute a writer will ever need, before SWMR starts."""
+    tfs = sorted(set(timeframes))
+    names = [tf.name for tf in tfs]
+    strs = h5py.string_dtype()
+    a = f.attrs
+    a["format"] = FORMAT
+    a["format_version"] = FORMAT_VERSION
+    a["dataset"] = dataset
+    a["symbol"] = symbol
+    a["stype"] = stype
+    a["price_scale"] = np.int64(FIXED_PRICE_SCALE)
+    a["price"] = PRICE_CONVENTION
+    a["ts_event"] = TS_CONVENTION
+    a["session"] = str(session)
+    a["timeframes"] = np.array(names, dtype=strs)
+    a["libver"] = LIBVER[0]
+    a["created_by"] = created_by
+    bars = f.create_group(BARS)
+    index = f.create_group(INDEX)
+    chunks = chunk_rows_by_timeframe(tfs, chunk_rows)
+    for tf in tfs:
+        rows = chunks[tf.name]
+        ds = bars.create_dataset(tf.name, shape=(0,), maxshape=(None,), chunks=(rows,), dtype=BAR_DTYPE)
+        ds.attrs["timeframe"] = tf.name
+        ds.attrs["seconds"] = tf.seconds
+        ds.attrs["index_stride"] = rows
+        index.create_dataset(tf.name, shape=(0,), maxshape=(None,), chunks=(INDEX_CHUNK,), dtype="<i8")
+    hwm = f.create_dataset(HWM, data=np.full(len(tfs), -1, dtype="<i8"))
+    hwm.attrs["timeframes"] = np.array(names, dtype=strs)
+    for name in META_BLOBS:
+        f.create_dataset(
+            f"{META}/{name}", shape=(2, 0), maxshape=(2, None), chunks=(1, BLOB_CHUNK), dtype="u1"
+        )
+
+
+def file_timeframes(f: h5py.File) -> list[str]:
+    """The timeframes a file holds, in the order of its high-water-mark dataset."""
+    return [str(x) for x in f[HWM].attrs["timeframes"].astype(str)]
+
+
+def check_contract(
+    f: h5py.File, path: Path, *, dataset: str, symbol: str, stype: str,
+    timeframes: Sequence[Timeframe], session: Session,
+) -> None:
+    """Refuse to append to a file whose contract differs from what the caller writes."""
+    a = f.attrs
+    if a.get("format") != FORMAT or BARS not in f or HWM not in f:
+        raise StoreError(f"{path} is not a streambars bar file (no format={FORMAT!r} attribute)")
+    version = int(a.get("format_version", 0))
+    if version > FORMAT_VERSION:
+        raise StoreError(
+            f"{path} has format version {version}; this streambars writes {FORMAT_VERSION}: upgrade"
+        )
+    for key, want in (("dataset", dataset), ("symbol", symbol), ("stype", stype), ("session", str(session))):
+        have = a.get(key)
+        if have != want:
+            raise StoreError(f"{path}: the file holds {key}={have!r}, this writer has {key}={want!r}")
+    have_tfs = file_timeframes(f)
+    missing = [tf.name for tf in timeframes if tf.name not in have_tfs]
+    if missing:
+        raise StoreError(
+            f"{path} holds timeframes {', '.join(have_tfs)}; requested {', '.join(missing)} are not "
+            "in it (timeframes are fixed when a file is created: write to a new store, or drop them)"
+        )
+
+
+def timeframe_name(tf: str | Timeframe) -> str:
+    """Canonical store name for '1min', '60s', Timeframe(...) ..."""
+    if isinstance(tf, Timeframe):
+        return tf.name
+    try:
+        return parse_timeframe(tf).name
+    except ValueError as e:
+        raise StoreError(str(e)) from None
+
+
+# -- meta blobs: two slots, newest valid wins ------------------------------------------------
+
+
+def encode_blob(seq: int, payload: bytes) -> np.ndarray:
+    head = _BLOB_HEADER.pack(_BLOB_MAGIC, seq, len(payload), zlib.crc32(payload))
+    return np.frombuffer(head + payload, dtype=np.uint8)
+
+
+def decode_slot(row: np.ndarray) -> tuple[int, bytes] | None:
+    """(sequence, payload) of one slot, or None when empty or torn."""
+    raw = row.tobytes()
+    if len(raw) < _BLOB_HEADER.size:
+        return None
+    magic, seq, length, crc = _BLOB_HEADER.unpack_from(raw)
+    payload = raw[_BLOB_HEADER.size : _BLOB_HEADER.size + length]
+    if magic != _BLOB_MAGIC or len(payload) != length or zlib.crc32(payload) != crc:
+        return None
+    return seq, payload
+
+
+def read_blob(ds: h5py.Dataset) -> tuple[int, bytes | None]:
+    """(newest sequence or 0, payload or None) of a two-slot blob dataset."""
+    if ds.shape[1] == 0:
+        return 0, None
+    slots = [s for s in (decode_slot(ds[i]) for i in range(2)) if s is not None]
+    if not slots:
+        return 0, None
+    seq, payload = max(slots, key=lambda s: s[0])
+    return seq, payload
+
+
+def write_blob(ds: h5py.Dataset, seq: int, payload: bytes) -> None:
+    """Write ``payload`` as sequence ``seq`` into slot ``seq % 2`` (the older one)."""
+    data = encode_blob(seq, payload)
+    if ds.shape[1] < data.size:
+        ds.resize((2, data.size))
+    ds[seq % 2, : data.size] = data

@@ -1,0 +1,430 @@
+"""Appending bars to store files: one SWMR writer per file, idempotent, crash-safe.
+
+The order of one :meth:`BarFileWriter.append` is what makes a crash at any moment harmless:
+
+1. rows above each timeframe's high-water mark are written, then every touched bar dataset
+   (and its chunk index) is flushed -- readers see them from here;
+2. the high-water marks and meta blobs (engine state, progress) are written and flushed.
+
+So the marks and the engine state never run ahead of the rows. After a crash the rows are
+the truth: on the next open the marks are recomputed from them, and re-running the input
+from the saved engine state rewrites nothing that is already there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import h5py
+import numpy as np
+from h5py import h5s
+
+from .. import __version__
+from ..errors import StoreError
+from ..observe import get_logger
+from ..records import BAR_DTYPE, BarBatch
+from ..timeframes import Session, Timeframe, parse_timeframe
+from .layout import (
+    BARS,
+    HWM,
+    INDEX,
+    LIBVER,
+    META,
+    META_BLOBS,
+    check_contract,
+    create_layout,
+    file_path,
+    file_timeframes,
+    fsync_path,
+    read_blob,
+    timeframe_name,
+    write_blob,
+)
+from .lock import FileLock
+from .recovery import clear_open_flags, repair_contents
+from .rowio import RowIO
+
+log = get_logger("streambars.store")
+
+
+def as_timeframes(timeframes: Sequence[Timeframe | str]) -> tuple[Timeframe, ...]:
+    """Timeframe objects in the order given (strings parsed)."""
+    return tuple(tf if isinstance(tf, Timeframe) else parse_timeframe(tf) for tf in timeframes)
+
+
+def as_bars(arr: np.ndarray, what: str) -> np.ndarray:
+    """``arr`` as a contiguous BAR_DTYPE array (fields picked by name from a wider dtype)."""
+    arr = np.asarray(arr)
+    if arr.dtype == BAR_DTYPE:
+        return np.ascontiguousarray(arr)
+    names = arr.dtype.names or ()
+    missing = [n for n in BAR_DTYPE.names if n not in names]
+    if missing:
+        raise StoreError(f"{what}: bars lack the fields {', '.join(missing)} (need {BAR_DTYPE.names})")
+    out = np.empty(arr.shape[0], BAR_DTYPE)
+    for n in BAR_DTYPE.names:
+        out[n] = arr[n]
+    return out
+
+
+def _oserror_text(e: BaseException) -> str:
+    """One short line for an HDF5/OS error: 'Can't synchronously write data: File too large (errno 27)'."""
+    text = " ".join(str(e).split())
+    cause = re.search(r"error message = '([^']*)'", text)
+    if cause:
+        number = re.search(r"errno = (\d+)", text)
+        what = re.sub(r"^\[Errno \d+\]\s*", "", text.split(" (", 1)[0])
+        return f"{what}: {cause.group(1)}" + (f" (errno {number.group(1)})" if number else "")
+    return text if len(text) < 300 else text[:300] + "..."
+
+
+class BarFileWriter:
+    """The one writer of ``<root>/<dataset>/<symbol>.h5`` (created with every timeframe)."""
+
+    def __init__(
+        self,
+        root: Path | str,
+        dataset: str,
+        symbol: str,
+        *,
+        stype: str,
+        timeframes: Sequence[Timeframe | str],
+        session: Session,
+        chunk_rows: int = 4096,
+        owner: str | None = None,
+    ):
+        self.path = file_path(root, dataset, symbol)
+        self.dataset, self.symbol, self.stype = dataset, symbol, stype
+        self.session = session
+        self.chunk_rows = int(chunk_rows)
+        tfs = as_timeframes(timeframes)
+        if not tfs:
+            raise StoreError(f"{self.path}: no timeframes to write")
+        self._requested = tuple(sorted(set(tfs)))
+        self._lock = FileLock(self.path, owner)
+        self._f: h5py.File | None = None
+        self._failed: str | None = None
+        try:
+            self._open()
+        except BaseException:
+            self._abandon()
+            raise
+
+    # -- opening -----------------------------------------------------------------------
+
+    def _open(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot create the store directory {self.path.parent}: {e.strerror}") from e
+        self._lock.acquire()
+        if not self.path.exists():
+            self._create()
+        clear_open_flags(self.path)
+        if _compressed(self.path):
+            from .compact import rewrite_file
+
+            log.warning("store.decompressing", path=str(self.path),
+                        why="a compacted file is being appended to again; compressed chunks "
+                        "flushed every batch under SWMR would leak space")
+            rewrite_file(self.path, compression=None)
+        try:
+            f = h5py.File(self.path, "r+", libver=LIBVER, locking=False)
+        except OSError as e:
+            raise StoreError(f"cannot open {self.path} for writing: {_oserror_text(e)}") from e
+        self._f = f
+        check_contract(f, self.path, dataset=self.dataset, symbol=self.symbol, stype=self.stype,
+                       timeframes=self._requested, session=self.session)
+        try:
+            self._hwm = repair_contents(f, self.path)
+            self.timeframes = file_timeframes(f)
+            self._bars = {n: f[f"{BARS}/{n}"] for n in self.timeframes}
+            self._io = {n: RowIO(ds) for n, ds in self._bars.items()}
+            self._rows = {n: int(ds.shape[0]) for n, ds in self._bars.items()}
+            self._index = {n: f[f"{INDEX}/{n}"] for n in self.timeframes}
+            self._stride = {n: int(ds.attrs["index_stride"]) for n, ds in self._bars.items()}
+            self._hwm_ds = f[HWM]
+            self._blobs = {n: f[f"{META}/{n}"] for n in META_BLOBS if f"{META}/{n}" in f}
+            self._seq = {n: read_blob(ds)[0] for n, ds in self._blobs.items()}
+            f.swmr_mode = True
+        except (OSError, RuntimeError) as e:
+            raise StoreError(f"cannot prepare {self.path} for appending: {_oserror_text(e)}") from e
+
+    def _create(self) -> None:
+        """Build the whole layout in a temporary file, then rename it into place: a crash
+        while creating never leaves a half-made file under the real name."""
+        for stale in self.path.parent.glob(f".{self.path.name}.creating-*"):
+            stale.unlink(missing_ok=True)  # ours: we hold the lock
+        tmp = self.path.with_name(f".{self.path.name}.creating-{os.getpid()}")
+        try:
+            with h5py.File(tmp, "w", libver=LIBVER, locking=False) as f:
+                create_layout(
+                    f, dataset=self.dataset, symbol=self.symbol, stype=self.stype,
+                    timeframes=self._requested, session=self.session,
+                    chunk_rows=self.chunk_rows, created_by=f"streambars {__version__}",
+                )
+            fsync_path(tmp)
+            os.replace(tmp, self.path)
+            fsync_path(self.path.parent)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise StoreError(f"cannot create {self.path}: {_oserror_text(e)}") from e
+        log.info("store.created", path=str(self.path), timeframes=[t.name for t in self._requested])
+
+    # -- writing -----------------------------------------------------------------------
+
+    def append(
+        self, bars_by_tf: Mapping[str | Timeframe, np.ndarray], meta: Mapping[str, bytes] | None = None
+    ) -> dict[str, int]:
+        """Write the rows above each timeframe's high-water mark, then the meta blobs; flush.
+
+        Rows must be in increasing ``ts_event`` order per timeframe. Returns rows written per
+        timeframe given. Raises StoreError (naming the file) if the write fails; the rows of
+        this call are then not visible, earlier rows stay intact, and this writer refuses
+        further appends (open a new one: it repairs what the failure left)."""
+        self._usable()
+        plan: list[tuple[str, np.ndarray]] = []
+        written: dict[str, int] = {}
+        for key, arr in bars_by_tf.items():
+            name = key if isinstance(key, str) and key in self._bars else timeframe_name(key)
+            if name not in self._bars:
+                raise StoreError(f"{self.path} has no timeframe {name} (it has {', '.join(self.timeframes)})")
+            rows = as_bars(arr, f"{self.path} {name}")
+            ts = rows["ts_event"]
+            if ts.size > 1 and not bool(np.all(ts[1:] > ts[:-1])):
+                bad = int(np.flatnonzero(ts[1:] <= ts[:-1])[0]) + 1
+                raise StoreError(f"{self.path} {name}: ts_event not increasing at row {bad} ({int(ts[bad])})")
+            new = rows[int(np.searchsorted(ts, self._hwm[name], side="right")):]
+            written[name] = int(new.shape[0])
+            if new.shape[0]:
+                plan.append((name, new))
+        blobs = self._check_meta(meta)
+        if not plan and not blobs:
+            return written
+        old: dict[str, int] = {}
+        touched_index: list[str] = []
+        try:
+            for name, new in plan:
+                n = old[name] = self._rows[name]
+                self._bars[name].id.set_extent((n + new.shape[0],))
+                self._rows[name] = n + new.shape[0]
+                self._io[name].write(n, new)
+                if self._index_rows(name, n, new):
+                    touched_index.append(name)
+            for name, _ in plan:
+                self._bars[name].flush()
+            for name in touched_index:
+                self._index[name].flush()
+        except Exception as e:
+            self._fail(e, old)
+        for name, new in plan:
+            self._hwm[name] = int(new["ts_event"][-1])
+        try:
+            if plan:
+                marks = np.array([self._hwm[n] for n in self.timeframes], dtype="<i8")
+                self._hwm_ds.id.write(h5s.ALL, h5s.ALL, marks)
+                self._hwm_ds.flush()
+            for name, payload in blobs.items():
+                self._seq[name] += 1
+                write_blob(self._blobs[name], self._seq[name], payload)
+                self._blobs[name].flush()
+        except Exception as e:
+            self._fail(e, {})
+        return written
+
+    def _index_rows(self, name: str, n: int, new: np.ndarray) -> bool:
+        """Record the ts_event of every row that starts a chunk (rows k * stride)."""
+        stride = self._stride[name]
+        first = -(-n // stride)
+        last = (n + new.shape[0] - 1) // stride
+        if last < first:
+            return False
+        idx = self._index[name]
+        if idx.shape[0] < last + 1:
+            idx.resize((last + 1,))
+        idx[first : last + 1] = new["ts_event"][first * stride - n :: stride][: last + 1 - first]
+        return True
+
+    def _check_meta(self, meta: Mapping[str, bytes] | None) -> dict[str, bytes]:
+        if not meta:
+            return {}
+        out = {}
+        for name, payload in meta.items():
+            if name not in self._blobs:
+                raise StoreError(f"{self.path}: no meta blob {name!r} (have {', '.join(self._blobs)})")
+            if not isinstance(payload, bytes | bytearray | memoryview):
+                raise StoreError(f"{self.path}: meta {name!r} must be bytes, not {type(payload).__name__}")
+            out[name] = bytes(payload)
+        return out
+
+    def _fail(self, e: Exception, old_sizes: dict[str, int]) -> None:
+        """Hide the rows of the failed call again (best effort), refuse further appends."""
+        for name, n in old_sizes.items():
+            self._rows[name] = n
+            with contextlib.suppress(Exception):
+                self._bars[name].resize((n,))
+                self._bars[name].flush()
+        self._failed = _oserror_text(e)
+        raise StoreError(
+            f"writing {self.path} failed: {self._failed}. Rows written before this batch are "
+            "intact and readable; open a new writer to continue (it repairs the file)."
+        ) from e
+
+    def _usable(self) -> None:
+        if self._f is None:
+            raise StoreError(f"the writer of {self.path} is closed")
+        if self._failed is not None:
+            raise StoreError(f"the writer of {self.path} failed earlier ({self._failed}); open a new one")
+
+    # -- state -------------------------------------------------------------------------
+
+    def high_water_marks(self) -> dict[str, int]:
+        """Last ts_event written per timeframe (-1 when the timeframe has no rows)."""
+        return dict(self._hwm)
+
+    def read_meta(self, name: str) -> bytes | None:
+        """The newest intact payload of meta blob ``name`` (None if never written)."""
+        self._usable()
+        if name not in self._blobs:
+            raise StoreError(f"{self.path}: no meta blob {name!r} (have {', '.join(self._blobs)})")
+        return read_blob(self._blobs[name])[1]
+
+    def rows(self, timeframe: str | Timeframe) -> int:
+        """Rows stored for a timeframe."""
+        return self._rows[timeframe_name(timeframe)]
+
+    # -- closing -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Flush and close the file (clears its open-for-write mark), release the lock."""
+        f, self._f = self._f, None
+        try:
+            if f is not None:
+                try:
+                    f.close()
+                except Exception as e:
+                    if self._failed is None:
+                        raise StoreError(f"closing {self.path} failed: {_oserror_text(e)}") from e
+        finally:
+            self._lock.release()
+
+    def _abandon(self) -> None:
+        with contextlib.suppress(Exception):
+            if self._f is not None:
+                self._f.close()
+        self._f = None
+        self._lock.release()
+
+    def __enter__(self) -> BarFileWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._abandon()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._f is None else ("failed" if self._failed else "open")
+        return f"<BarFileWriter {self.path} {state}>"
+
+
+class StoreWriterSet:
+    """Writers for every symbol of one dataset, opened on first use; routes tagged bars."""
+
+    def __init__(
+        self,
+        root: Path | str,
+        dataset: str,
+        stype: str,
+        timeframes: Sequence[Timeframe | str],
+        session: Session,
+        *,
+        chunk_rows: int = 4096,
+        owner: str | None = None,
+    ):
+        self.root = Path(root)
+        self.dataset, self.stype, self.session = dataset, stype, session
+        #: In the aggregator's order: a tagged bar's ``timeframe`` field indexes this tuple.
+        self.timeframes = as_timeframes(timeframes)
+        self.chunk_rows, self.owner = chunk_rows, owner
+        self._writers: dict[str, BarFileWriter] = {}
+
+    def writer(self, symbol: str) -> BarFileWriter:
+        w = self._writers.get(symbol)
+        if w is None:
+            w = self._writers[symbol] = BarFileWriter(
+                self.root, self.dataset, symbol, stype=self.stype, timeframes=self.timeframes,
+                session=self.session, chunk_rows=self.chunk_rows, owner=self.owner,
+            )
+        return w
+
+    @property
+    def symbols(self) -> list[str]:
+        return list(self._writers)
+
+    def write(
+        self,
+        bar_batch: BarBatch | np.ndarray,
+        series_names: Sequence[str],
+        meta_by_symbol: Mapping[str, Mapping[str, bytes]] | None = None,
+    ) -> int:
+        """Append tagged bars (series, timeframe, bar...) to their files; returns rows written."""
+        bars = bar_batch.bars if isinstance(bar_batch, BarBatch) else np.asarray(bar_batch)
+        meta_by_symbol = meta_by_symbol or {}
+        grouped: dict[str, dict[str, np.ndarray]] = {}
+        if bars.shape[0]:
+            ntf = len(self.timeframes)
+            series, tfi = bars["series"].astype(np.int64), bars["timeframe"].astype(np.int64)
+            if series.min() < 0 or series.max() >= len(series_names) or tfi.min() < 0 or tfi.max() >= ntf:
+                raise StoreError(
+                    f"bars tagged with series/timeframe outside the {len(series_names)} symbols "
+                    f"and {ntf} timeframes this writer set knows"
+                )
+            key = series * ntf + tfi
+            order = np.argsort(key, kind="stable")
+            key_sorted = key[order]
+            cuts = np.flatnonzero(np.diff(key_sorted)) + 1
+            for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, key_sorted.size], strict=True):
+                k = int(key_sorted[lo])
+                symbol = series_names[k // ntf]
+                grouped.setdefault(symbol, {})[self.timeframes[k % ntf].name] = as_bars(
+                    bars[order[lo:hi]], symbol
+                )
+        total = 0
+        for symbol in list(grouped) + [s for s in meta_by_symbol if s not in grouped]:
+            counts = self.writer(symbol).append(grouped.get(symbol, {}), meta=meta_by_symbol.get(symbol))
+            total += sum(counts.values())
+        return total
+
+    def close_all(self) -> None:
+        """Close every writer (all are attempted; the first failure is raised after)."""
+        first: BaseException | None = None
+        writers, self._writers = self._writers, {}
+        for w in writers.values():
+            try:
+                w.close()
+            except BaseException as e:  # noqa: BLE001 - close the others first
+                first = first or e
+        if first is not None:
+            raise first
+
+    close = close_all
+
+    def __enter__(self) -> StoreWriterSet:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close_all()
+
+
+def _compressed(path: Path) -> bool:
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            return any(ds.compression is not None for ds in f[BARS].values())
+    except (OSError, KeyError):
+        return False
