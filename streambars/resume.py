@@ -150,9 +150,9 @@ class Backoff:
 class WallClockCloser:
     """Decides when bars may close on the wall clock (``now - grace``) alone.
 
-    Allowed only while connected, after any replay has caught up (REPLAY_COMPLETED, a
-    heartbeat, or a record no older than the grace), and when no record older than the grace
-    has arrived within ``hold_s``. ``until()`` returns the ns timestamp to flush to, or None.
+    Allowed only while connected, once the subscription has shown it is real-time
+    (REPLAY_COMPLETED, a heartbeat, or a record no older than the grace), and when no record
+    older than the grace has arrived within ``hold_s``. ``until()`` returns the ns timestamp to flush to, or None.
     """
 
     def __init__(self, grace_s: float, hold_s: float | None = None,
@@ -165,9 +165,12 @@ class WallClockCloser:
         self.last_stale = -1e18
         self.flushed_until = 0
 
-    def subscribed(self, replay: bool) -> None:
+    def subscribed(self, replay: bool = True) -> None:
+        """A new subscription: until it proves to be real-time (a fresh record, a heartbeat,
+        REPLAY_COMPLETED) nothing closes on the wall clock. Even without ``start=`` the feed
+        may be behind real time (a test gateway, a slow start)."""
         self.connected = True
-        self.catching_up = replay
+        self.catching_up = True
 
     def disconnected(self) -> None:
         self.connected = False
@@ -213,6 +216,26 @@ def live_archive_tail(root: str | os.PathLike[str], dataset: str, symbol: str) -
         if len(ts):
             last = int(ts[-1])
             return last, int((ts == last).sum())
+    return None
+
+
+def live_archive_head(root: str | os.PathLike[str], dataset: str, symbol: str) -> int | None:
+    """The first ts_event in the oldest live archive file of ``symbol`` (reads one frame)."""
+    d = archive.raw_dir(root, dataset, symbol)
+    files = sorted(d.glob("*" + archive.LIVE_SUFFIX)) if d.is_dir() else []
+    for p in files:
+        try:
+            first = True
+            for _, payload in archive.iter_live_frames(p):
+                if first:  # the Metadata frame (records may follow in it)
+                    first = False
+                    payload = payload[8 + int.from_bytes(payload[4:8], "little"):]
+                ts = record_ts(payload)
+                if len(ts):
+                    return int(ts.min())
+        except Exception as e:
+            log.warning("could not read the live archive head", path=str(p), error=str(e))
+            return None
     return None
 
 

@@ -114,6 +114,15 @@ def test_wall_clock_close_only_when_live_and_caught_up():
     assert c.until() is None
 
 
+def test_even_without_replay_the_feed_must_prove_it_is_real_time():
+    clock = _Clock()
+    c = WallClockCloser(2.0, hold_s=5.0, clock=clock, mono=clock)
+    c.subscribed(replay=False)
+    assert c.until() is None  # nothing seen yet: a feed of old data must not be flushed away
+    c.caught_up()  # a heartbeat
+    assert c.until() is not None
+
+
 def test_a_fresh_record_ends_catching_up():
     clock = _Clock()
     c = WallClockCloser(2.0, hold_s=5.0, clock=clock, mono=clock)

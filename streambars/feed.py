@@ -1,0 +1,477 @@
+"""One epoch of the live daemon: files, engine and a supervised Live feed into the pipeline.
+
+An epoch opens every symbol's file, restores the engine state and the watermarks saved in
+it, and runs :func:`streambars.pipeline.run_pipeline` fed by :meth:`Epoch.produce`, the
+loop that really moves data:
+
+* connect (``Live.subscribe`` runs on a worker thread, bounded by a timeout) with
+  ``start=`` the oldest watermark, so whatever happened since is replayed; a gap older than
+  ``live.replay_window_h`` is first filled from the Historical API;
+* read events with a short timeout so the loop comes round at least every ``TICK_S``:
+  records are de-duplicated (:class:`~streambars.resume.Watermarks`), appended to the raw
+  archive, and sent on; ``END_OF_INTERVAL`` and the wall clock past a bar's end by the grace
+  send :class:`~streambars.pipeline.FlushUntil`; every ``CHECKPOINT_INTERVAL_S`` a
+  :class:`~streambars.pipeline.Checkpoint` carries the engine state and the watermarks to
+  the files (its completion pings the watchdog);
+* on a disconnect, a gateway error or ``heartbeat_timeout_s`` of silence: log it, back off
+  (exponential, jittered; checkpoints continue meanwhile), reconnect and replay. A refused
+  API key is fatal at once.
+
+The epoch ends when the daemon stops (SIGTERM) or reloads its symbol list (SIGHUP): a last
+checkpoint, the stream closed, the pipeline drained, every file closed.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import numpy as np
+from anyio.abc import ObjectSendStream
+
+from . import archive as archive_mod
+from .errors import AuthenticationError, SourceError
+from .observe import get_logger, scrub
+from .pipeline import (
+    Checkpoint,
+    FlushUntil,
+    PipelineItem,
+    PipelineStats,
+    restore_engine,
+    run_pipeline,
+)
+from .records import INPUT_INTERVAL_NS, BarBatch, RecordBatch, SeriesRegistry
+from .resume import NS, Backoff, WallClockCloser, Watermarks, live_archive_head, live_archive_tail
+from .sources.live import (
+    EndOfInterval,
+    GatewayError,
+    Heartbeat,
+    HeartbeatTimeout,
+    LiveDisconnected,
+    LiveEvent,
+    LiveRecords,
+    LiveSession,
+    SystemMessage,
+)
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+log = get_logger("streambars.feed")
+
+TICK_S = 0.25
+LIVE_NOTE = "live"
+
+
+def _iso(ts_ns: int | None) -> str:
+    if ts_ns is None or ts_ns < 0:
+        return "-"
+    return str(np.datetime64(int(ts_ns), "ns"))[:23] + "Z"
+
+
+class Epoch:
+    """One pipeline run over one symbol list; see the module doc."""
+
+    def __init__(self, daemon: Daemon):
+        self.d = daemon
+        self.settings = s = daemon.settings
+        db, lv = s.databento, s.live
+        self.registry = SeriesRegistry(list(db.symbols))
+        self.closer = WallClockCloser(lv.close_grace_s)
+        self.marks = Watermarks()  # what reached the engine
+        self.amarks = Watermarks()  # what reached the raw archive
+        self.notes: dict[str, dict[str, Any]] = {}
+        self.start_hints: dict[int, int] = {}  # series without a saved mark: replay from here
+        self.flushed_until = 0
+        self.interval_ns = INPUT_INTERVAL_NS[db.schema]
+        self.tf_names = tuple(t.name for t in s.bars.timeframes)
+        self.last_bar = np.full((len(self.registry), len(self.tf_names)), -1, np.int64)
+        self.symbol_errors: set[str] = set()
+        self.disconnected_at: float | None = None  # wall clock
+        self.connected_description = ""
+        self.stats = PipelineStats()
+        self._ckpt_due = 0.0
+
+    # -- set-up ------------------------------------------------------------------------
+
+    def _open(self) -> tuple[Any, Any, Any]:
+        from .backfill import _make_engine, _make_writers
+
+        s, db = self.settings, self.settings.databento
+        writers = _make_writers(s, db.dataset, db.stype_in)
+        try:
+            for name in self.registry.names:
+                writers.writer(name)  # open + lock now: a second writer is refused at start
+            engine = _make_engine(s)
+            progress = restore_engine(engine, writers, self.registry)
+        except BaseException:
+            writers.close_all()
+            raise
+        for name, note in progress.items():
+            i = self.registry.index(name)
+            live = dict(note.get(LIVE_NOTE) or {})
+            self.notes[name] = {k: v for k, v in note.items() if k != LIVE_NOTE}
+            if "last_ts" in live:
+                self.marks.set(i, int(live["last_ts"]), int(live.get("n_at_last", 1)))
+            self.flushed_until = max(self.flushed_until, int(live.get("flushed_until", 0)))
+            tail = live_archive_tail(s.store.path, db.dataset, name)
+            if tail is not None:
+                self.amarks.set(i, *tail)
+                if "last_ts" not in live:
+                    # Archived but never checkpointed (killed within its first seconds):
+                    # replay from the first record the daemon ever archived.
+                    head = live_archive_head(s.store.path, db.dataset, name)
+                    if head is not None:
+                        self.start_hints[i] = head
+        self.closer.flushed_until = self.flushed_until
+        arch = archive_mod.LiveArchive(s.store.path, db.dataset, db.schema, db.stype_in)
+        log.info(
+            "resuming",
+            symbols=self.registry.names,
+            engine_marks={n: _iso(self.marks.to_note(i).get("last_ts")) for i, n in enumerate(self.registry.names)},
+            archive_marks={n: _iso(self.amarks.to_note(i).get("last_ts")) for i, n in enumerate(self.registry.names)},
+        )
+        return writers, engine, arch
+
+    # -- the epoch ---------------------------------------------------------------------
+
+    async def run(self) -> None:
+        writers, engine, arch = await anyio.to_thread.run_sync(self._open)
+        self.engine, self.writers, self.archive = engine, writers, arch
+        m = self.d.metrics.snapshots
+        m.queue_depths = self._queue_depths
+        m.validation_counts = self._validation_counts
+        m.last_bars = self._last_bars
+        send, recv = anyio.create_memory_object_stream[PipelineItem](self.settings.live.queue_size)
+        self._feed_queue = send
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self.produce, send)
+                await run_pipeline(
+                    recv, engine, writers, self.registry,
+                    queue_size=self.settings.live.queue_size,
+                    stats=self.stats, on_written=self._on_written,
+                )
+        finally:
+            with anyio.CancelScope(shield=True):  # even when the drain is abandoned
+                await anyio.to_thread.run_sync(self._close)
+
+    def _close(self) -> None:
+        try:
+            self.archive.close()
+        finally:
+            self.writers.close_all()
+        log.info("epoch closed: files flushed and closed", records=self.stats.records,
+                 bars=self.stats.bars_written)
+
+    # -- the producer: the loop that moves data ---------------------------------------
+
+    async def produce(self, send: ObjectSendStream[PipelineItem]) -> None:
+        lv = self.settings.live
+        backoff = Backoff(lv.reconnect_min_s, lv.reconnect_max_s)
+        async with send:
+            self._send = send
+            while not self._stopping():
+                start = await self._fill_gap_if_needed()
+                if self._stopping():
+                    break
+                session = self._session(start)
+                try:
+                    await session.connect()
+                except AuthenticationError:
+                    raise
+                except (SourceError, OSError, ValueError) as e:
+                    await session.close()
+                    delay = backoff.next()
+                    self.d.counters.state = "connecting"
+                    log.warning("cannot reach the Live gateway; retrying", gateway=self._gateway_text(),
+                                attempt=backoff.attempt, retry_in_s=round(delay, 2),
+                                error=scrub(str(e)))
+                    self.d.status(f"cannot reach {self._gateway_text()}: {scrub(str(e))}; "
+                                  f"attempt {backoff.attempt}, retrying in {delay:.1f}s")
+                    await self._idle(delay)
+                    continue
+                try:
+                    reason = await self._pump(session, start, backoff)
+                finally:
+                    await session.close()  # same task as connect(): it owns a task group
+                self.closer.disconnected()
+                self.d.metrics.connected.set(0)
+                if self._stopping():
+                    break
+                self.disconnected_at = time.time()
+                self.d.counters.state = "reconnecting"
+                self.d.counters.reconnects += 1
+                self.d.metrics.reconnects.labels(reason.split(":")[0]).inc()
+                delay = backoff.next()
+                log.warning("live connection lost; reconnecting with replay", reason=reason,
+                            retry_in_s=round(delay, 2), last_held=_iso(self.marks.resume_ts()))
+                await self._idle(delay)
+            # Stopping: everything passed on is in the pipeline; persist where we are.
+            await send.send(self._checkpoint())
+
+    def _stopping(self) -> bool:
+        return self.d.stop_event.is_set() or self.d.reload_event.is_set()
+
+    async def _idle(self, seconds: float) -> None:
+        """Wait (backoff) while still checkpointing, so the watchdog sees a live pipeline."""
+        deadline = time.monotonic() + seconds
+        while not self._stopping():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            with anyio.move_on_after(min(left, TICK_S)):
+                await self.d.stop_event.wait()
+            await self._periodic(allow_flush=False)
+
+    async def _periodic(self, allow_flush: bool = True) -> None:
+        now = time.monotonic()
+        if allow_flush:
+            until = self.closer.until()
+            if until is not None:
+                await self._flush(until)
+        if now >= self._ckpt_due:
+            self._ckpt_due = now + min(
+                _checkpoint_interval(), self.d.gate.interval or _checkpoint_interval()
+            )
+            await self._send.send(self._checkpoint())
+
+    async def _flush(self, until: int) -> None:
+        if until > self.flushed_until:
+            self.flushed_until = until
+            await self._send.send(FlushUntil(until))
+
+    def _checkpoint(self) -> Checkpoint:
+        progress = {}
+        for i, name in enumerate(self.registry.names):
+            live = self.marks.to_note(i)
+            live["flushed_until"] = int(self.flushed_until)
+            progress[name] = {**self.notes.get(name, {}), LIVE_NOTE: live}
+        cp = Checkpoint(tuple(self.registry.names), progress)
+        if hasattr(cp, "on_saved"):
+            cp.on_saved = self.d.data_moved  # type: ignore[attr-defined]
+        return cp
+
+    # -- one connection ----------------------------------------------------------------
+
+    def _gateway_text(self) -> str:
+        return self.settings.databento.live_gateway or "Databento's Live gateway"
+
+    def _session(self, start: int | None) -> LiveSession:
+        db, lv = self.settings.databento, self.settings.live
+        return LiveSession(
+            self.d.key, db.dataset, db.schema, db.symbols, db.stype_in,
+            gateway=db.live_gateway or None, start=start, registry=self.registry,
+            batch_max_records=lv.batch_max_records, batch_max_ms=lv.batch_max_ms,
+            heartbeat_interval_s=lv.heartbeat_interval_s, heartbeat_timeout_s=lv.heartbeat_timeout_s,
+            queue_size=lv.queue_size,
+        )
+
+    async def _pump(self, session: LiveSession, start: int | None, backoff: Backoff) -> str:
+        """Read one connection until it ends; returns why it ended."""
+        replay = start is not None
+        self.closer.subscribed(replay=replay)
+        self.marks.arm()
+        self.amarks.arm()
+        self.d.metrics.connected.set(1)
+        self.d.counters.state = "catching up" if replay else "streaming"
+        desc = (f"{self.settings.databento.dataset} {self.settings.databento.schema} "
+                f"{len(self.registry.names)} symbol(s) via {self._gateway_text()}"
+                + (f", replay from {_iso(start)}" if replay else ""))
+        if self.disconnected_at is not None:
+            self._log_gap(start)
+        self.d.subscribed(desc)
+        got_data = False
+        while not self._stopping():
+            ev: LiveEvent | None = None
+            with anyio.move_on_after(TICK_S):
+                try:
+                    ev = await session.__anext__()
+                except StopAsyncIteration:
+                    return "closed: the session ended"
+                except LiveDisconnected as e:
+                    return ("heartbeat: " if isinstance(e, HeartbeatTimeout) else "disconnect: ") + scrub(str(e))
+            if ev is not None:
+                if not got_data:
+                    got_data = True
+                    backoff.reset()
+                if isinstance(ev, LiveRecords):
+                    await self._records(ev)
+                else:
+                    why = await self._control(ev)
+                    if why is not None:
+                        return why
+            await self._periodic()
+        return "stopping"
+
+    async def _records(self, ev: LiveRecords) -> None:
+        b = ev.batch
+        n = len(b)
+        if n == 0:
+            return
+        keep = self.marks.filter(b.series, b.ts_event)
+        akeep = self.amarks.filter(b.series, b.ts_event)
+        dup = 0 if keep is None else int(n - keep.sum())
+        if dup:
+            self.d.counters.duplicates += dup
+            self.d.metrics.duplicates.inc(dup)
+        # The raw archive first: what is not yet in it (after a kill -9 it may hold more
+        # than the engine state saw), before anything aggregates it.
+        if akeep is None:
+            self._archive(ev.records, b.series)
+        elif akeep.any():
+            self._archive(ev.records[akeep], b.series[akeep])
+        if keep is not None:
+            if not keep.any():
+                return
+            idx = np.flatnonzero(keep)
+            b = _take(b, idx)
+        last_end = int(b.ts_event.max()) + self.interval_ns
+        self.closer.records(last_end)
+        self.d.counters.records += len(b)
+        now = time.time()
+        self.d.counters.lag_s = max(now - last_end / NS, 0.0)
+        self.d.metrics.observe_records(len(b), last_end, now)
+        await self._send.send(b)
+
+    def _archive(self, records: np.ndarray, series: np.ndarray) -> None:
+        if len(records):
+            self.archive.append_batch(records, series, self.registry.names)
+
+    async def _control(self, ev: LiveEvent) -> str | None:
+        """Act on a control event; a string means: end this connection for that reason."""
+        if isinstance(ev, EndOfInterval):
+            await self._flush(int(ev.ts_event))
+        elif isinstance(ev, Heartbeat) or (
+            isinstance(ev, SystemMessage) and ev.code == "replay_completed"
+        ):
+            if self.closer.catching_up:
+                log.info("replay caught up", how="heartbeat" if isinstance(ev, Heartbeat) else ev.code)
+                self.d.counters.state = "streaming"
+            self.closer.caught_up()
+        elif isinstance(ev, SystemMessage):
+            if ev.code == "slow_reader_warning":
+                log.warning("the gateway says this reader is slow", message=ev.message)
+        elif isinstance(ev, GatewayError):
+            if ev.code == "symbol_resolution_failed":
+                key = ev.symbol or ev.message
+                if key not in self.symbol_errors:
+                    self.symbol_errors.add(key)
+                    self.d.metrics.symbol_errors.inc()
+                    log.error("the gateway could not resolve a symbol; going on with the others",
+                              symbol=ev.symbol, message=scrub(ev.message))
+            elif ev.code in ("auth_failed", "api_key_deactivated"):
+                raise AuthenticationError(f"the Live gateway: {scrub(ev.message)} ({ev.code})")
+            elif ev.code == "skipped_records_after_slow_reading":
+                return f"skipped_records: {scrub(ev.message)} (reconnecting to replay them)"
+            else:
+                log.error("Live gateway error", code=ev.code, message=scrub(ev.message))
+        return None
+
+    def _log_gap(self, start: int | None) -> None:
+        assert self.disconnected_at is not None
+        outage = time.time() - self.disconnected_at
+        self.disconnected_at = None
+        data_gap = None if start is None else max(time.time() - start / NS, 0.0)
+        self.d.counters.gaps += 1
+        self.d.counters.gap_seconds += outage
+        self.d.metrics.gaps.labels("replay").inc()
+        self.d.metrics.gap_seconds.labels("replay").inc(outage)
+        log.warning("reconnected; the gap is being replayed", outage_s=round(outage, 3),
+                    replay_from=_iso(start),
+                    replay_span_s=None if data_gap is None else round(data_gap, 3),
+                    reconnects=self.d.counters.reconnects)
+
+    # -- gaps beyond the replay window -------------------------------------------------
+
+    def _resume_start(self) -> int | None:
+        """Where the next subscription replays from (None: no replay, join live)."""
+        marks = self.marks.last_ts
+        held = [int(t) for t in marks if t >= 0]
+        held += [h for i, h in self.start_hints.items() if i >= len(marks) or marks[i] < 0]
+        if not held:
+            return None
+        return max(min(held), self.flushed_until)
+
+    async def _fill_gap_if_needed(self) -> int | None:
+        start = self._resume_start()
+        if start is None:
+            return None
+        window_ns = int(self.settings.live.replay_window_h * 3600 * NS)
+        now_ns = time.time_ns()
+        oldest = now_ns - window_ns + 60 * NS  # a minute's margin inside the window
+        if start >= oldest:
+            return start
+        gap_s = (oldest - start) / NS
+        from .gapfill import fill_from_historical
+
+        filled = await fill_from_historical(self, start, oldest)
+        self.d.counters.gaps += 1
+        self.d.counters.gap_seconds += gap_s
+        how = "historical" if filled else "none"
+        self.d.metrics.gaps.labels(how).inc()
+        self.d.metrics.gap_seconds.labels(how).inc(gap_s)
+        if not filled:
+            log.error("GAP: older than the replay window and not filled from Historical; "
+                      "run `streambars backfill` over it", gap_from=_iso(start), gap_to=_iso(oldest),
+                      gap_s=round(gap_s, 1))
+        return oldest if not filled else max(self._resume_start() or oldest, oldest)
+
+    # -- pipeline callbacks and metrics snapshots --------------------------------------
+
+    def _on_written(self, bars: BarBatch, written: int) -> None:
+        self.d.data_moved()
+        if len(bars) == 0:
+            return
+        arr = bars.bars
+        s, t = arr["series"], arr["timeframe"]
+        if len(self.registry) > self.last_bar.shape[0]:
+            grow = len(self.registry) - self.last_bar.shape[0]
+            self.last_bar = np.vstack([self.last_bar, np.full((grow, len(self.tf_names)), -1, np.int64)])
+        np.maximum.at(self.last_bar, (s, t), arr["ts_event"])
+        self.d.counters.bars_written += written
+        self.d.metrics.observe_bars(self.tf_names, t)
+        i = int(np.argmax(arr["ts_event"]))
+        self.d.counters.last_bar = (
+            f"{self.registry.names[int(s[i])]} {self.tf_names[int(t[i])]} {_iso(int(arr['ts_event'][i]))}"
+        )
+
+    def _queue_depths(self) -> dict[str, int]:
+        out = {"feed": self._feed_queue.statistics().current_buffer_used}
+        for name, stream in getattr(self.stats, "queues", {}).items():
+            out[name] = stream.statistics().current_buffer_used
+        return out
+
+    def _validation_counts(self) -> list[tuple[str, str, int]]:
+        from .rules import RECORD_RULE_NAMES
+
+        counts = np.asarray(self.engine.counts)
+        out = []
+        for i, name in enumerate(self.registry.names[: counts.shape[0]]):
+            for j, rule in enumerate(RECORD_RULE_NAMES[: counts.shape[1]]):
+                out.append((name, rule, int(counts[i, j])))
+        return out
+
+    def _last_bars(self) -> list[tuple[str, str, int]]:
+        out = []
+        lb = self.last_bar
+        for i, j in zip(*np.nonzero(lb >= 0), strict=True):
+            out.append((self.registry.names[int(i)], self.tf_names[int(j)], int(lb[i, j])))
+        return out
+
+
+def _checkpoint_interval() -> float:
+    from .daemon import CHECKPOINT_INTERVAL_S
+
+    return CHECKPOINT_INTERVAL_S
+
+
+def _take(b: RecordBatch, idx: np.ndarray) -> RecordBatch:
+    price_shared = b.open is b.close
+    o = b.open[idx]
+    return RecordBatch(
+        b.kind, b.series[idx], b.ts_event[idx], o,
+        o if price_shared else b.high[idx], o if price_shared else b.low[idx],
+        o if price_shared else b.close[idx], b.volume[idx],
+    )

@@ -1,0 +1,133 @@
+"""`streambars run` as a real subprocess against the fake Live gateway.
+
+The notify protocol is read from a real unix datagram socket; the store is read through SWMR
+while the daemon writes; the exit codes are the process's own.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from streambars import archive
+from tests.daemon_support import (
+    Daemon,
+    NotifySocket,
+    es_nq_records,
+    make_gateway,
+    row_counts,
+    store_file,
+    wait_for,
+    write_config,
+)
+from tests.fakes import TEST_KEY
+
+pytestmark = pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="needs unix sockets")
+
+
+@pytest.fixture
+def notify(tmp_path):
+    n = NotifySocket(tmp_path)
+    yield n
+    n.close()
+
+
+def test_notify_protocol_and_sigterm_flushes_and_exits_0(tmp_path, notify):
+    records = es_nq_records(3000)
+    fake = make_gateway(records, rate=3000.0, heartbeat_interval=0.2)
+    try:
+        store = tmp_path / "store"
+        cfg = write_config(tmp_path / "c.toml", fake.gateway, store)
+        d = Daemon(tmp_path, cfg, notify=notify, watchdog_usec=1_000_000)
+        wait_for(lambda: notify.lines("READY=1"), 30, "READY=1", daemon=d)
+        wait_for(lambda: notify.lines("WATCHDOG=1"), 10, "WATCHDOG=1", daemon=d)
+        wait_for(lambda: row_counts(store, "ES.c.0").get("1min", 0) > 5, 20, "bars in the store", daemon=d)
+        wait_for(lambda: [s for s in notify.lines("STATUS=") if "rec/s" in s], 15, "STATUS=", daemon=d)
+        t0 = time.monotonic()
+        d.signal(signal.SIGTERM)
+        rc = d.wait(20)
+        stop_s = time.monotonic() - t0
+    finally:
+        fake.stop()
+    assert rc == 0, d.log_text()[-3000:]
+    assert stop_s < 10
+    assert notify.lines("STOPPING=1")
+    assert notify.times("READY=1")[0] < notify.times("STOPPING=1")[0]
+    status = notify.lines("STATUS=")
+    assert any("rec/s" in s and "lag" in s and "reconnects" in s for s in status), status
+    assert any(ln.startswith("MAINPID=") for ln in notify.lines())
+    # Cleanly closed: an ordinary (non-SWMR) read-only open works, and the bars are there.
+    for sym in ("ES.c.0", "NQ.c.0"):
+        with h5py.File(store_file(store, sym), "r") as f:
+            assert f["bars"]["1s"].shape[0] > 100
+            assert np.all(np.diff(f["bars"]["1s"]["ts_event"][:]) > 0)
+        live = archive.live_path(store, "GLBX.MDP3", sym, "2024-01")
+        contents = archive.read_live_file(live)
+        assert not contents.truncated_tail
+    assert TEST_KEY not in d.log_text()
+    assert d.has_event("stopped")
+
+
+def test_wrong_key_exits_nonzero_at_once(tmp_path):
+    fake = make_gateway(es_nq_records(10))
+    try:
+        cfg = write_config(tmp_path / "c.toml", fake.gateway, tmp_path / "store")
+        wrong = "db-" + "WrongKey0123456789abcdefghij" + "Q"
+        d = Daemon(tmp_path, cfg, key=wrong)
+        rc = d.wait(30)
+        sessions = len(fake.sessions)
+    finally:
+        fake.stop()
+    assert rc == 2, d.log_text()
+    assert sessions == 1  # tried once, no retry loop
+    text = d.log_text()
+    assert "refused the API key" in text
+    assert wrong not in text and wrong[-10:] not in text
+
+
+def test_unreachable_gateway_retries_with_backoff_and_says_so(tmp_path, notify):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once closed
+    cfg = write_config(tmp_path / "c.toml", f"127.0.0.1:{port}", tmp_path / "store",
+                       reconnect_min_s=0.1, reconnect_max_s=0.4)
+    d = Daemon(tmp_path, cfg, notify=notify)
+    wait_for(lambda: sum(e.get("event") == "cannot reach the Live gateway; retrying"
+                         for e in d.events()) >= 3, 30, "three retries", daemon=d)
+    d.signal(signal.SIGTERM)
+    assert d.wait(20) == 0
+    retries = [e for e in d.events() if e.get("event") == "cannot reach the Live gateway; retrying"]
+    assert all("retry_in_s" in e and "attempt" in e for e in retries)
+    assert [e["attempt"] for e in retries[:3]] == [1, 2, 3]
+    assert any("cannot reach" in s for s in notify.lines("STATUS="))
+    assert not notify.lines("READY=1")
+
+
+def _refused(tmp_path, store, **live) -> tuple[int, str, int]:
+    """Run the daemon against a gateway it must never contact: (exit code, log, sessions)."""
+    fake = make_gateway(es_nq_records(10))
+    try:
+        d = Daemon(tmp_path, write_config(tmp_path / "c.toml", fake.gateway, store, **live))
+        rc = d.wait(30)
+        return rc, d.log_text(), len(fake.sessions)
+    finally:
+        fake.stop()
+
+
+def test_malformed_config_refused_before_connecting(tmp_path):
+    rc, text, sessions = _refused(tmp_path, tmp_path / "store", close_grace_s=-1)
+    assert (rc, sessions) == (2, 0)
+    assert "live.close_grace_s" in text
+
+
+def test_unwritable_store_refused_at_start(tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the store directory should be")
+    rc, text, sessions = _refused(tmp_path, blocker / "store")
+    assert (rc, sessions) == (1, 0)
+    assert "not writable" in text
