@@ -327,6 +327,10 @@ class StoreReader:
     def __exit__(self, *_: object) -> None:
         self.close()
 
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
     def __repr__(self) -> str:
         return f"<StoreReader {self.path}: {len(self._files)} files>"
 
