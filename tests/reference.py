@@ -26,8 +26,11 @@ _AGG = {"open": "first", "high": "max", "low": "min", "close": "last", "volume":
 
 
 def _subday(df: pd.DataFrame, seconds: int) -> pd.DataFrame:
-    r = df.assign(count=1).resample(f"{seconds}s", origin="epoch", label="left", closed="left")
-    out = r.agg(_AGG)
+    freq = f"{seconds}s"
+    if len(df) and (df.index[-1] - df.index[0]).total_seconds() / seconds > 200_000:
+        # sparse data over weeks: resample would materialise millions of empty bins
+        return df.assign(count=1).groupby(df.index.floor(freq)).agg(_AGG)
+    out = df.assign(count=1).resample(freq, origin="epoch", label="left", closed="left").agg(_AGG)
     return out[out["count"] > 0]
 
 

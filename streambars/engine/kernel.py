@@ -65,7 +65,16 @@ def bucket(x, nanos, daily, bounds):
     if daily == 0:
         start = x - x % nanos
         return start, start + nanos
-    j = np.searchsorted(bounds, x, side="right") - 1
+    # j = the last boundary <= x. A plain binary search: np.searchsorted(side="right") inlined
+    # into the flush kernel returned the index left of an exact boundary (found by the tests).
+    lo, hi = 0, bounds.shape[0]
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if bounds[mid] <= x:
+            lo = mid + 1
+        else:
+            hi = mid
+    j = lo - 1
     if j < 0:  # before the boundary table: whole days back from its first boundary
         start = bounds[0] - ((bounds[0] - x + DAY_NS - 1) // DAY_NS) * DAY_NS
         return start, start + DAY_NS
