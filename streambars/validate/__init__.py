@@ -147,7 +147,7 @@ def validate_store(
         "gap": f"no bar for more than {fmt_duration(params.gap_ns)} of trading time "
         "(checked on the finest selected timeframe)",
         "volume_outlier": f"log(1+volume) more than {params.volume_sigma:g} robust sigmas "
-        "(median/MAD) above the median of its UTC month",
+        "(median/MAD) above the median of the bars of the same UTC month and quarter hour of the session",
     }
 
     if not root.exists():

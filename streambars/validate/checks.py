@@ -53,21 +53,28 @@ class Tally:
 # --------------------------------------------------------------------------- per-record rules
 
 
+SAME_TS = N_RECORD_RULES  # extra rows of the scan's counters: a ts equal to the previous row's
+COUNT_INVALID = N_RECORD_RULES + 1
+_SCAN_ROWS = N_RECORD_RULES + 2
+
+
 @numba.njit(cache=True)
-def _record_pass(ts, o, h, lo, c, v, n, prev_ts, interval_ns, boundaries, max_volume, counts, first, nfirst):
+def _record_pass(ts, o, h, lo, c, v, n, prev_ts, interval_ns, boundaries, max_volume, max_inputs,
+                 counts, first, nfirst):  # fmt: skip
     """Run record_violations over stored bars; returns the last ts (the next slice's prev_ts).
 
     Bars are checked against the previous row (``ts_not_increasing`` when earlier; equal
-    timestamps are ``ts_duplicate``'s). A bar of ``count`` inputs may hold up to
-    ``count * max_volume``. Daily bars (``boundaries`` non-empty) must start on a session
-    boundary. ``first[rule, :]`` receives row indices.
+    timestamps are counted apart, for ``ts_duplicate``). A bar of ``count`` inputs may hold
+    up to ``count * max_volume``. Daily bars (``boundaries`` non-empty) must start on a
+    session boundary. Also counts ``count_invalid`` (0, or above ``max_inputs`` when > 0).
+    ``first[rule, :]`` receives row indices.
     """
     kmax = first.shape[1]
     nb = boundaries.shape[0]
     for i in range(ts.shape[0]):
         limit = np.uint64(0)
+        cnt = np.uint64(n[i])
         if max_volume > 0:
-            cnt = np.uint64(n[i])
             if cnt > 0 and max_volume > np.uint64(U64_MAX) // cnt:
                 limit = np.uint64(U64_MAX)
             else:
@@ -79,6 +86,10 @@ def _record_pass(ts, o, h, lo, c, v, n, prev_ts, interval_ns, boundaries, max_vo
             j = np.searchsorted(boundaries, ts[i])
             if j >= nb or boundaries[j] != ts[i]:
                 m |= 1 << TS_MISALIGNED
+        if prev_ts >= 0 and ts[i] == prev_ts:
+            m |= 1 << SAME_TS
+        if cnt == 0 or (max_inputs > 0 and cnt > max_inputs):
+            m |= 1 << COUNT_INVALID
         prev_ts = ts[i]
         if m != 0:
             for b in range(counts.shape[0]):
@@ -90,6 +101,37 @@ def _record_pass(ts, o, h, lo, c, v, n, prev_ts, interval_ns, boundaries, max_vo
     return prev_ts
 
 
+def scan_bars(
+    bars: np.ndarray,
+    interval_ns: int,
+    boundaries: np.ndarray | None = None,
+    max_volume: int = 0,
+    prev_ts: int = -1,
+    max_inputs: int = 0,
+) -> tuple[dict[str, tuple[int, np.ndarray]], int]:
+    """One pass over ``bars`` (BAR_DTYPE): {rule: (count, first row indices)}, last ts.
+
+    The per-record rules (through ``rules.record_violations``), ``count_invalid``, and
+    ``same_ts`` (rows whose ts equals the previous row's). ``interval_ns`` is the timeframe
+    (sub-day: epoch alignment); for daily bars pass 0 and the session ``boundaries``.
+    """
+    counts = np.zeros(_SCAN_ROWS, np.int64)
+    first = np.zeros((_SCAN_ROWS, MAX_FIRST), np.int64)
+    nfirst = np.zeros(_SCAN_ROWS, np.int64)
+    b = np.empty(0, np.int64) if boundaries is None else np.ascontiguousarray(boundaries, np.int64)
+    last = _record_pass(
+        bars["ts_event"], bars["open"], bars["high"], bars["low"], bars["close"], bars["volume"],
+        bars["count"], np.int64(prev_ts), np.int64(interval_ns), b, np.uint64(max_volume),
+        np.uint64(max_inputs), counts, first, nfirst,
+    )  # fmt: skip
+    out = {}
+    names = [r.name for r in RECORD_RULES] + ["same_ts", "count_invalid"]
+    for k, name in enumerate(names):
+        if counts[k]:
+            out[name] = (int(counts[k]), first[k, : nfirst[k]].copy())
+    return out, int(last)
+
+
 def record_rule_hits(
     bars: np.ndarray,
     interval_ns: int,
@@ -97,26 +139,9 @@ def record_rule_hits(
     max_volume: int = 0,
     prev_ts: int = -1,
 ) -> tuple[dict[str, tuple[int, np.ndarray]], int]:
-    """Per-record rules over ``bars`` (BAR_DTYPE): {rule: (count, first row indices)}, last ts.
-
-    ``interval_ns`` is the timeframe (sub-day: epoch alignment); for daily bars pass 0 and
-    the session ``boundaries``.
-    """
-    counts = np.zeros(N_RECORD_RULES, np.int64)
-    first = np.zeros((N_RECORD_RULES, MAX_FIRST), np.int64)
-    nfirst = np.zeros(N_RECORD_RULES, np.int64)
-    b = np.empty(0, np.int64) if boundaries is None else np.ascontiguousarray(boundaries, np.int64)
-    last = _record_pass(
-        bars["ts_event"], bars["open"], bars["high"], bars["low"], bars["close"], bars["volume"],
-        bars["count"], np.int64(prev_ts), np.int64(interval_ns), b, np.uint64(max_volume),
-        counts, first, nfirst,
-    )  # fmt: skip
-    out = {}
-    for rule in RECORD_RULES:
-        k = rule.bit
-        if counts[k]:
-            out[rule.name] = (int(counts[k]), first[k, : nfirst[k]].copy())
-    return out, int(last)
+    """Only the per-record rules of :func:`scan_bars`."""
+    hits, last = scan_bars(bars, interval_ns, boundaries, max_volume, prev_ts)
+    return {k: v for k, v in hits.items() if k in RULES and RULES[k].bit >= 0}, last
 
 
 # --------------------------------------------------------------------------- series rules
@@ -150,6 +175,23 @@ def _valid_price(p: np.ndarray) -> np.ndarray:
     return (p > 0) & (p != UNDEF_PRICE)
 
 
+@numba.njit(cache=True)
+def _price_jump_pass(o, c, threshold, prev_close, out):
+    k = 0
+    for i in range(c.shape[0]):
+        if prev_close > 0:
+            limit = threshold * prev_close
+            oi, ci = o[i], c[i]
+            if (oi > 0 and oi != UNDEF_PRICE and abs(float(oi - prev_close)) > limit) or (
+                ci > 0 and ci != UNDEF_PRICE and abs(float(ci - prev_close)) > limit
+            ):
+                out[k] = i
+                k += 1
+        if c[i] > 0 and c[i] != UNDEF_PRICE:
+            prev_close = c[i]
+    return k, prev_close
+
+
 def price_jump_rows(
     open_: np.ndarray, close: np.ndarray, threshold: float, prev_close: int = -1
 ) -> tuple[np.ndarray, int]:
@@ -158,46 +200,82 @@ def price_jump_rows(
     The last close is the previous bar's with a valid close (``prev_close`` carries it
     across slices; -1 none). Returns the rows and the close to carry.
     """
-    n = close.shape[0]
-    if n == 0:
-        return np.empty(0, np.int64), prev_close
-    ok_c = _valid_price(close)
-    idx = np.where(ok_c, np.arange(n), -1)
-    np.maximum.accumulate(idx, out=idx)
-    # the valid close before row i: idx[i-1]
-    before = np.empty(n, np.int64)
-    before[0] = -1
-    before[1:] = idx[:-1]
-    prev = np.where(before >= 0, close[np.maximum(before, 0)], prev_close).astype(np.float64)
-    has_prev = (before >= 0) | (prev_close > 0)
-    limit = threshold * prev
-    o = open_.astype(np.float64)
-    c = close.astype(np.float64)
-    jump = (_valid_price(open_) & (np.abs(o - prev) > limit)) | (ok_c & (np.abs(c - prev) > limit))
-    rows = np.flatnonzero(jump & has_prev)
-    carry = int(close[idx[-1]]) if idx[-1] >= 0 else prev_close
-    return rows, carry
+    out = np.empty(close.shape[0], np.int64)
+    k, carry = _price_jump_pass(open_, close, float(threshold), np.int64(prev_close), out)
+    return out[:k], int(carry)
+
+
+@numba.njit(cache=True)
+def group_volume_limits(x, starts, sigma, min_bars):
+    """Per group (``x[starts[g]:starts[g+1]]``, log(1 + volume)) the outlier volume limit.
+
+    A robust z-score: (x - median) / (1.4826 * MAD) above ``sigma``; when the MAD is 0 (most
+    bars alike) the mean absolute deviation * 1.2533 stands in; when that is 0 too, or the
+    group has fewer than ``min_bars`` bars, nothing is an outlier (inf).
+    """
+    out = np.full(starts.shape[0] - 1, np.inf)
+    for g in range(starts.shape[0] - 1):
+        seg = x[starts[g] : starts[g + 1]]
+        if seg.shape[0] < min_bars or seg.shape[0] == 0:
+            continue
+        med = np.median(seg)
+        dev = np.abs(seg - med)
+        scale = 1.4826 * np.median(dev)
+        if scale == 0:
+            scale = 1.2533 * dev.mean()
+        if scale == 0:
+            continue
+        out[g] = np.expm1(med + sigma * scale)
+    return out
+
+
+@numba.njit(cache=True)
+def rows_above(v, slot, limits):
+    """Rows i with v[i] > limits[slot[i]] (float limits; inf never)."""
+    out = np.empty(v.shape[0], np.int64)
+    k = 0
+    for i in range(v.shape[0]):
+        if float(v[i]) > limits[slot[i]]:
+            out[k] = i
+            k += 1
+    return out[:k]
+
+
+def volume_limit(volume: np.ndarray, sigma: float, min_bars: int = 20, sample: int = 20_000) -> float:
+    """The volume above which a bar is an outlier among ``volume`` (inf: cannot judge).
+
+    Log scale, because volume errors multiply (see :func:`group_volume_limits`). Above
+    ``sample`` bars the statistics come from an evenly spaced sample of that many.
+    """
+    n = volume.shape[0]
+    if n > sample:
+        volume = volume[:: n // sample]
+    x = np.log1p(volume.astype(np.float64))
+    return float(group_volume_limits(x, np.array([0, x.shape[0]], np.int64), float(sigma), int(min_bars))[0])
 
 
 def volume_outlier_rows(volume: np.ndarray, sigma: float, min_bars: int = 20) -> tuple[np.ndarray, float]:
-    """Rows whose volume is an outlier: robust z-score of log(1 + volume) above ``sigma``.
+    """Rows of ``volume`` above :func:`volume_limit`, and the limit."""
+    limit = volume_limit(volume, sigma, min_bars)
+    if limit == float("inf"):
+        return np.empty(0, np.int64), limit
+    return np.flatnonzero(volume > limit), limit
 
-    z = (x - median) / (1.4826 * MAD); when the MAD is 0 (most bars alike) the mean absolute
-    deviation * 1.2533 stands in; when that is 0 too nothing is an outlier. Log scale, because
-    volumes are multiplicative (a unit error multiplies). Returns rows and the volume limit.
-    """
-    if volume.shape[0] < min_bars:
-        return np.empty(0, np.int64), float("inf")
-    x = np.log1p(volume.astype(np.float64))
-    med = float(np.median(x))
-    dev = np.abs(x - med)
-    scale = 1.4826 * float(np.median(dev))
-    if scale == 0:
-        scale = 1.2533 * float(dev.mean())
-    if scale == 0:
-        return np.empty(0, np.int64), float("inf")
-    cut = med + sigma * scale
-    return np.flatnonzero(x > cut), float(np.expm1(cut))
+
+@numba.njit(cache=True)
+def session_slots(ts, boundaries, width):
+    """(ts - the session boundary at or before ts) // width, for each ts (any order)."""
+    out = np.empty(ts.shape[0], np.int64)
+    nb = boundaries.shape[0]
+    j = 0
+    for i in range(ts.shape[0]):
+        t = ts[i]
+        if j >= nb or boundaries[j] > t or (j + 1 < nb and boundaries[j + 1] <= t):
+            j = np.searchsorted(boundaries, t, side="right") - 1
+            if j < 0:
+                j = 0
+        out[i] = (t - boundaries[j]) // width
+    return out
 
 
 @numba.njit(cache=True)

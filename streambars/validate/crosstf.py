@@ -25,17 +25,20 @@ I64_MIN = np.iinfo(np.int64).min
 I64_MAX = np.iinfo(np.int64).max
 FIELDS = ("open", "high", "low", "close", "volume", "count")
 
-# istate: key, open, high, low, close, has, last accepted ts, spare
-_KEY, _O, _H, _L, _C, _HAS, _LAST = range(7)
+# istate: key, open, high, low, close, has, last accepted ts, end of the open bucket
+_KEY, _O, _H, _L, _C, _HAS, _LAST, _END = range(8)
 
 
 @numba.njit(cache=True)
-def _bucket_key(t, interval_ns, boundaries):
+def _bucket(t, interval_ns, boundaries):
+    """(key, end) of the interval holding t."""
     if boundaries.shape[0] > 0:
-        j = np.searchsorted(boundaries, t, side="right") - 1
-        return boundaries[j] if j >= 0 else I64_MIN
-    r = t % interval_ns
-    return t - r
+        j = np.searchsorted(boundaries, t, side="right")
+        key = boundaries[j - 1] if j >= 1 else I64_MIN
+        end = boundaries[j] if j < boundaries.shape[0] else I64_MAX
+        return key, end
+    key = t - t % interval_ns
+    return key, key + interval_ns
 
 
 @numba.njit(cache=True)
@@ -51,8 +54,7 @@ def _aggregate(ts, o, h, lo, c, v, n, interval_ns, boundaries, filter_in, ist, u
             if o[i] == UNDEF_PRICE or h[i] == UNDEF_PRICE or lo[i] == UNDEF_PRICE or c[i] == UNDEF_PRICE:
                 continue
             ist[_LAST] = t
-        key = _bucket_key(t, interval_ns, boundaries)
-        if ist[_HAS] == 1 and key == ist[_KEY]:
+        if ist[_HAS] == 1 and ist[_KEY] <= t < ist[_END]:  # the usual case: the same bucket
             if h[i] > ist[_H]:
                 ist[_H] = h[i]
             if lo[i] < ist[_L]:
@@ -61,6 +63,7 @@ def _aggregate(ts, o, h, lo, c, v, n, interval_ns, boundaries, filter_in, ist, u
             ust[0] += v[i]
             ust[1] += n[i]
             continue
+        key, end = _bucket(t, interval_ns, boundaries)
         if ist[_HAS] == 1:
             if key < ist[_KEY]:  # cannot happen on filtered or computed input
                 continue
@@ -73,6 +76,7 @@ def _aggregate(ts, o, h, lo, c, v, n, interval_ns, boundaries, filter_in, ist, u
             out_n[k] = ust[1]
             k += 1
         ist[_KEY] = key
+        ist[_END] = end
         ist[_O] = o[i]
         ist[_H] = h[i]
         ist[_L] = lo[i]
@@ -135,6 +139,7 @@ class Aggregation:
         self.ist = np.zeros(8, np.int64)
         self.ist[_LAST] = I64_MIN
         self.ust = np.zeros(2, np.uint64)
+        self._buf = Buckets.empty()  # reused output columns (fresh memory per call is slow)
 
     def key_of(self, ts: np.ndarray | int) -> np.ndarray:
         ts = np.asarray(ts, np.int64)
@@ -163,11 +168,15 @@ class Aggregation:
 
     def _feed(self, ts, o, h, lo, c, v, n) -> Buckets:
         m = ts.shape[0]
-        out = Buckets(*(np.empty(m, np.int64) for _ in range(5)), np.empty(m, np.uint64), np.empty(m, np.uint64))
+        if len(self._buf) < m:
+            cap = max(m, 2 * len(self._buf), 1024)
+            self._buf = Buckets(*(np.empty(cap, np.int64) for _ in range(5)), np.empty(cap, np.uint64),
+                                np.empty(cap, np.uint64))  # fmt: skip
+        out = self._buf
         k = _aggregate(ts, o, h, lo, c, v, n, np.int64(self.interval_ns), self.boundaries, self.filter_in,
                        self.ist, self.ust, out.ts, out.open, out.high, out.low, out.close, out.volume,
                        out.count)  # fmt: skip
-        return out.take(slice(0, k))
+        return Buckets(*(getattr(out, f)[:k].copy() for f in ("ts", *FIELDS)))
 
     def close_until(self, t: int) -> Buckets:
         """Emit the open bucket if it ends at or before ``t`` (no later input can reach it)."""
@@ -185,33 +194,51 @@ class Aggregation:
         return out
 
 
+@numba.njit(cache=True)
+def _join(keys, o, h, lo, c, v, n, bts, bo, bh, bl, bc, bv, bn, found, differs, matched):
+    """Each stored bar (bucket key ``keys[i]``) against the bucket with that key."""
+    nb = bts.shape[0]
+    j = 0
+    for i in range(keys.shape[0]):
+        k = keys[i]
+        if not (j < nb and bts[j] == k):
+            if j + 1 < nb and bts[j + 1] == k:
+                j += 1
+            else:
+                j = np.searchsorted(bts, k)
+        if j < nb and bts[j] == k:
+            found[i] = True
+            matched[j] = True
+            if (o[i] != bo[j] or h[i] != bh[j] or lo[i] != bl[j] or c[i] != bc[j]
+                    or np.uint64(v[i]) != bv[j] or np.uint64(n[i]) != bn[j]):  # fmt: skip
+                differs[i] = True
+        else:
+            j = 0 if j >= nb else j
+
+
 def compare(coarse: np.ndarray, keys: np.ndarray, buckets: Buckets) -> tuple[np.ndarray, list[str], np.ndarray]:
     """Stored coarse bars (with their bucket keys) against computed buckets.
 
     Returns the ts of coarse bars that differ or have no finest bars, their explanations,
     and a mask of the buckets matched by some coarse bar.
     """
+    m = coarse.shape[0]
     matched = np.zeros(len(buckets), bool)
-    if coarse.shape[0] == 0:
+    found = np.zeros(m, bool)
+    differs = np.zeros(m, bool)
+    if m:
+        _join(np.ascontiguousarray(keys, np.int64), coarse["open"], coarse["high"], coarse["low"],
+              coarse["close"], coarse["volume"], coarse["count"], buckets.ts, buckets.open, buckets.high,
+              buckets.low, buckets.close, buckets.volume, buckets.count, found, differs, matched)  # fmt: skip
+    rows = np.flatnonzero(~found | differs)
+    if rows.size == 0:
         return np.empty(0, np.int64), [], matched
-    pos = np.searchsorted(buckets.ts, keys)
-    pos_c = np.minimum(pos, max(len(buckets) - 1, 0))
-    found = (pos < len(buckets)) & (buckets.ts[pos_c] == keys) if len(buckets) else np.zeros(len(keys), bool)
-    matched[pos_c[found]] = True
-    bad = ~found
-    diffs = np.zeros(coarse.shape[0], bool)
-    if found.any():
-        for f in FIELDS:
-            ours = coarse[f].astype(np.uint64 if f in ("volume", "count") else np.int64)
-            diffs |= found & (ours != getattr(buckets, f)[pos_c])
-    bad |= diffs
-    rows = np.flatnonzero(bad)
+    pos = np.searchsorted(buckets.ts, keys[rows[:40]])
     details = []
-    for r in rows[:40].tolist():
+    for r, j in zip(rows[:40].tolist(), pos.tolist(), strict=True):
         if not found[r]:
             details.append("no finest bars in its interval")
             continue
-        j = pos_c[r]
         parts = []
         for f in FIELDS:
             mine, agg = int(coarse[f][r]), int(getattr(buckets, f)[j])
@@ -289,19 +316,24 @@ class CrossTimeframe:
         """Compare stored bars and buckets whose intervals are complete (key < limit)."""
         if not lv.coarse and not lv.buckets and not lv.tail:
             return
-        bars = np.concatenate(lv.coarse) if lv.coarse else np.empty(0, BAR_DTYPE)
-        keys = lv.agg.key_of(bars["ts_event"])
-        ready = keys < limit
-        if not ready.all():
-            lv.coarse = [bars[~ready]]
-            bars, keys = bars[ready], keys[ready]
+        if not lv.coarse:
+            bars = np.empty(0, BAR_DTYPE)
         else:
-            lv.coarse = []
+            bars = lv.coarse[0] if len(lv.coarse) == 1 else np.concatenate(lv.coarse)
+        keys = lv.agg.key_of(bars["ts_event"])
+        if keys.size < 2 or bool((keys[1:] >= keys[:-1]).all()):  # sorted: a prefix is ready
+            r = int(np.searchsorted(keys, limit))
+            lv.coarse = [bars[r:]] if r < keys.size else []
+            bars, keys = bars[:r], keys[:r]
+        else:
+            ready = keys < limit
+            lv.coarse = [bars[~ready]] if not ready.all() else []
+            bars, keys = bars[ready], keys[ready]
         buckets = Buckets.concat(lv.tail + lv.buckets)
-        lv.buckets, lv.tail = [], []
-        if len(buckets) and not (np.diff(buckets.ts) > 0).all():  # tail + new: keep ts order
+        if lv.tail and len(buckets):  # tail + new: keep ts order
             order = np.argsort(buckets.ts, kind="stable")
             buckets = buckets.take(order)
+        lv.buckets, lv.tail = [], []
         bts, details, matched = compare(bars, keys, buckets)
         lv.tally.add(bts, details)
         missing = ~matched & (buckets.ts >= lv.start)
@@ -309,8 +341,9 @@ class CrossTimeframe:
             missing &= lv.agg.end_of(buckets.ts) <= complete_until  # partly read: not judged
         # after the last stored bar the coarse bar may simply not be closed yet (a live file)
         later = buckets.ts > lv.max_coarse
-        if not final:
-            lv.tail = [buckets.take(missing & later)]
+        keep = missing & later
+        if not final and keep.any():
+            lv.tail = [buckets.take(keep)]
         report = missing & ~later
         if report.any():
             miss = buckets.ts[report]

@@ -9,18 +9,22 @@ import numpy as np
 from ..rules import RECORD_RULES
 from ..timeframes import Timeframe
 from .checks import (
-    count_invalid_rows,
     duplicate_rows,
     fmt_duration,
     fmt_price,
     gaps_in_session,
+    group_volume_limits,
     price_jump_rows,
-    record_rule_hits,
-    volume_outlier_rows,
+    rows_above,
+    scan_bars,
+    session_slots,
 )
 from .report import SeriesResult, iso
 
 NS = 1_000_000_000
+MIN_GROUP = 12  # fewer bars than this in a (month, time of session) group: not judged
+SAMPLE = 100_000  # bars per month the volume statistics are computed from (evenly spaced)
+PROFILE_NS = 15 * 60 * NS  # the volume profile's resolution: bars are compared by quarter hour
 
 
 @dataclass(frozen=True)
@@ -48,8 +52,9 @@ def _month(ts: np.ndarray) -> np.ndarray:
 
 class SeriesCheck:
     """Per-record rules (through rules.record_violations), duplicates, count, price jumps,
-    volume outliers (robust statistics per UTC calendar month) and, when given trading
-    hours, gaps in session."""
+    volume outliers (robust statistics per UTC calendar month and session hour) and, when
+    given trading hours, gaps in session. ``boundaries``: the session boundaries (daily
+    alignment); ``hours_from``: the same, to count session hours from (volume profile)."""
 
     def __init__(
         self,
@@ -58,11 +63,13 @@ class SeriesCheck:
         params: Params,
         boundaries: np.ndarray | None = None,
         sessions: tuple[np.ndarray, np.ndarray] | None = None,
+        hours_from: np.ndarray | None = None,
     ):
         self.r = result
         self.tf = tf
         self.p = params
         self.boundaries = boundaries if tf.is_daily else None
+        self.hours_from = hours_from if hours_from is not None else np.zeros(1, np.int64)
         self.sessions = sessions
         self.prev_ts = -1
         self.prev_dup_ts = -1
@@ -71,6 +78,7 @@ class SeriesCheck:
         self._vol_month: int | None = None
         self._vol: list[np.ndarray] = []
         self._vol_ts: list[np.ndarray] = []
+        self._vol_slot: list[np.ndarray] = []
         for rule in RECORD_RULES:
             result.tally(rule.name)
         for name in ("ts_duplicate", "count_invalid", "price_jump", "volume_outlier"):
@@ -85,31 +93,40 @@ class SeriesCheck:
         r = self.r
         ts = bars["ts_event"]
         r.rows += n
-        lo, hi = int(ts.min()), int(ts.max())
+        prev_ts = self.prev_ts
+        hits, self.prev_ts = scan_bars(
+            bars, 0 if self.tf.is_daily else self.tf.nanos, self.boundaries, self.p.max_volume, prev_ts,
+            self.p.max_inputs,
+        )  # fmt: skip
+        if "ts_not_increasing" in hits:
+            lo, hi = int(ts.min()), int(ts.max())
+        else:
+            lo, hi = int(ts[0]), int(ts[-1])
         r.first_ts = lo if r.first_ts is None else min(r.first_ts, lo)
         r.last_ts = hi if r.last_ts is None else max(r.last_ts, hi)
-
-        hits, self.prev_ts = record_rule_hits(
-            bars, 0 if self.tf.is_daily else self.tf.nanos, self.boundaries, self.p.max_volume, self.prev_ts
-        )
         for name, (count, rows) in hits.items():
+            if name == "same_ts":
+                continue
             details = []
             for i in rows.tolist():
                 if name == "ts_not_increasing":
-                    prev = int(ts[i - 1]) if i > 0 else None
-                    details.append(f"after {iso(prev)}" if prev is not None else "before the previous slice's last bar")
+                    prev = int(ts[i - 1]) if i > 0 else prev_ts
+                    details.append(f"after {iso(prev)}")
                 elif name == "ts_misaligned":
                     details.append("not on a session boundary" if self.tf.is_daily else f"not a multiple of {self.tf.name}")
+                elif name == "count_invalid":
+                    details.append(f"count={int(bars['count'][i])}")
                 else:
                     details.append(_bar_text(bars, i))
             r.tally(name).add(ts[rows], details, count=count)
 
-        dup = duplicate_rows(ts, self.prev_dup_ts)
+        if "ts_not_increasing" not in hits:  # in order: a duplicate is a ts equal to the previous
+            count, rows = hits.get("same_ts", (0, np.empty(0, np.int64)))
+            r.tally("ts_duplicate").add(ts[rows], ["timestamp already stored"] * rows.size, count=count)
+        else:
+            dup = duplicate_rows(ts, self.prev_dup_ts)
+            r.tally("ts_duplicate").add(ts[dup], ["timestamp already stored"] * min(dup.size, 40))
         self.prev_dup_ts = int(ts[-1])
-        r.tally("ts_duplicate").add(ts[dup], ["timestamp already stored"] * min(dup.size, 40))
-
-        bad = count_invalid_rows(bars["count"], self.p.max_inputs)
-        r.tally("count_invalid").add(ts[bad], [f"count={int(bars['count'][i])}" for i in bad[:40].tolist()])
 
         jumps, self.prev_close = price_jump_rows(bars["open"], bars["close"], self.p.price_jump, self.prev_close)
         if jumps.size:
@@ -136,32 +153,58 @@ class SeriesCheck:
         return np.maximum(self.boundaries[j], ts + 1)
 
     def _feed_volume(self, ts: np.ndarray, volume: np.ndarray) -> None:
-        months = _month(ts)
-        if months[0] == months[-1] and (self._vol_month is None or months[0] == self._vol_month):
-            self._vol_month = int(months[0])
-            self._vol.append(np.asarray(volume))
-            self._vol_ts.append(np.asarray(ts))
-            return
-        cuts = np.flatnonzero(np.diff(months)) + 1
-        for part in np.split(np.arange(ts.shape[0]), cuts):
-            m = int(months[part[0]])
+        if self.tf.is_daily:
+            slots = np.zeros(ts.shape[0], np.int64)
+        else:
+            width = max(self.tf.nanos, PROFILE_NS)
+            slots = session_slots(ts, self.hours_from, np.int64(width))
+        lo, hi = _month(ts[:1])[0], _month(ts[-1:])[0]
+        if lo == hi and (ts.shape[0] < 2 or ts[0] <= ts[-1]):
+            parts = [(int(lo), slice(None))]
+        else:  # a slice across months (or unsorted): split by each row's month
+            months = _month(ts)
+            order = np.argsort(months, kind="stable")
+            cuts = np.flatnonzero(np.diff(months[order])) + 1
+            parts = [(int(months[g[0]]), np.sort(g)) for g in np.split(order, cuts)]
+        for m, sel in parts:
             if self._vol_month is not None and m != self._vol_month:
                 self._flush_volume()
             self._vol_month = m
-            self._vol.append(np.asarray(volume)[part])
-            self._vol_ts.append(np.asarray(ts)[part])
+            self._vol.append(np.asarray(volume[sel]))
+            self._vol_ts.append(np.asarray(ts[sel]))
+            self._vol_slot.append(slots[sel])
 
     def _flush_volume(self) -> None:
+        """Outliers among the month's bars that start at the same time of the session.
+
+        Volume has a strong intraday profile (the open, the close, the quiet night), so a bar
+        is compared with the bars of the same quarter hour of the session that month (or of
+        the bar's own length when longer), not with the night's. Time of session counts from
+        the session boundary (17:00 Chicago), so it follows daylight saving. Daily bars form
+        one group per month.
+        """
         if not self._vol:
             return
-        v = np.concatenate(self._vol)
-        t = np.concatenate(self._vol_ts)
-        self._vol, self._vol_ts = [], []
-        rows, limit = volume_outlier_rows(v, self.p.volume_sigma)
+        one = len(self._vol) == 1
+        v = self._vol[0] if one else np.concatenate(self._vol)
+        t = self._vol_ts[0] if one else np.concatenate(self._vol_ts)
+        slot = self._vol_slot[0] if one else np.concatenate(self._vol_slot)
+        self._vol, self._vol_ts, self._vol_slot = [], [], []
+        n_slots = int(slot.max()) + 1
+        # the statistics from an evenly spaced sample (<= SAMPLE bars), the test on every bar
+        step = max(1, v.size // SAMPLE)
+        sv, ss = v[::step], slot[::step]
+        order = np.argsort(ss, kind="stable")
+        starts = np.searchsorted(ss[order], np.arange(n_slots + 1))
+        x = np.log1p(sv[order].astype(np.float64))
+        limits = group_volume_limits(x, starts, float(self.p.volume_sigma), max(1, MIN_GROUP // step))
+        rows = rows_above(v, slot, limits)
         if rows.size:
             self.r.tally("volume_outlier").add(
-                t[rows], [f"volume {int(v[i])} > {limit:,.0f} (this month's robust limit)" for i in rows[:40].tolist()]
-            )
+                t[rows],
+                [f"volume {int(v[i])} > {limits[slot[i]]:,.0f} (robust limit for this time of session "
+                 "and month)" for i in rows[:40].tolist()],
+            )  # fmt: skip
 
     def finish(self) -> None:
         self._flush_volume()

@@ -118,7 +118,7 @@ def validate_file(
     for tf in chosen:
         r = results[tf.name]
         use = sessions if (tf == gap_tf and sessions is not None) else None
-        checks[tf.name] = SeriesCheck(r, tf, params, bounds if tf.is_daily else None, use)
+        checks[tf.name] = SeriesCheck(r, tf, params, bounds if tf.is_daily else None, use, hours_from=bounds)
         if use is None:
             r.skipped["gap_in_session"] = (
                 gap_note if tf == gap_tf or sessions is None else f"checked on {gap_tf.name} (the finest selected)"
