@@ -422,3 +422,49 @@ class _Out:
             data = self._z.compress(data) + self._z.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
         self.writer.write(data)
         await self.writer.drain()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve a DBN file from a process of its own (benchmarks: no GIL shared with the client).
+
+    ``python -m tests.fakes.live --key KEY --dbn FILE [--rate R] [--dataset DS]
+    [--heartbeat-interval S] [--no-end-of-interval]`` prints
+    ``port=N`` and serves until stdin closes. Symbols come from the file's Metadata mappings
+    (continuous files: one roll per mapping interval).
+    """
+    import argparse
+    import sys
+
+    from databento import DBNStore
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--key", required=True)
+    ap.add_argument("--dbn", required=True)
+    ap.add_argument("--rate", type=float, default=None)
+    ap.add_argument("--dataset", default=None)
+    ap.add_argument("--heartbeat-interval", type=float, default=None)
+    ap.add_argument("--no-end-of-interval", action="store_true")
+    args = ap.parse_args(argv)
+    store = DBNStore.from_file(args.dbn)
+    md = store.metadata
+    fake = FakeLive(args.key, dataset=args.dataset or md.dataset, rate=args.rate,
+                    heartbeat_interval=args.heartbeat_interval, end_of_interval=not args.no_end_of_interval)
+    continuous = str(md.stype_in) == "continuous"
+    for symbol, intervals in md.mappings.items():
+        rolls = []
+        for iv in intervals:
+            iid = int(iv["symbol"])
+            start = int(np.datetime64(iv["start_date"], "ns").astype(np.int64))
+            fake.add_instrument(iid, f"{symbol}:{iid}" if continuous else symbol)
+            rolls.append((start if rolls else 0, iid))
+        if continuous:
+            fake.add_continuous(symbol, rolls)
+    fake.add_records(str(md.schema), np.asarray(store.to_ndarray()).copy())
+    fake.start()
+    print(f"port={fake.port}", flush=True)
+    sys.stdin.read()
+    fake.stop()
+
+
+if __name__ == "__main__":
+    main()
