@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+# Fixtures for the fake Databento gateways (api_key, fake_historical, fake_live).
+pytest_plugins = ["tests.fakes"]
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_TESTDATA = REPO.parent / "shared" / "testdata"
 

@@ -1,0 +1,223 @@
+"""The anyio pipeline: source -> engine -> store writer, joined by bounded streams.
+
+One task per stage. A full stream blocks its producer (backpressure), so memory stays
+bounded however long the run; nothing is dropped. An exception in any stage cancels the
+others (anyio task group) and surfaces once. Backfill and the daemon share this module:
+they differ only in the source they plug in and the control items it sends.
+
+Items a source may send, besides :class:`~streambars.records.RecordBatch`:
+
+* :class:`Checkpoint` — "everything before this is aggregated": the engine attaches each
+  named series' state and the writer stores it (with an optional progress note) in the
+  series' file, in the same flush as the bars. A restart restores that state, so an
+  in-progress hour or day bar includes what came before the restart.
+* :class:`FlushUntil` — close every bar whose interval ended before ``ts`` (live: the wall
+  clock past a bar's end by the grace, or Databento's END_OF_INTERVAL).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import numpy as np
+from anyio.abc import ObjectReceiveStream, ObjectSendStream
+
+from .engine import Aggregator
+from .engine.kernel import S_LAST
+from .errors import RuleViolationError
+from .observe import Progress, get_logger
+from .records import BarBatch, RecordBatch, SeriesRegistry
+from .store import StoreWriterSet
+
+log = get_logger("streambars.pipeline")
+
+ENGINE_STATE = "engine_state"
+PROGRESS = "progress"
+
+
+@dataclass
+class Checkpoint:
+    """Persist engine state (and ``progress[symbol]``, a JSON-able note) for these symbols."""
+
+    symbols: tuple[str, ...]
+    progress: dict[str, Any] = field(default_factory=dict)
+    states: dict[str, bytes] = field(default_factory=dict)  # filled in by the engine stage
+    on_saved: Callable[[], None] | None = None  # called once saved (daemon: watchdog proof)
+
+
+@dataclass
+class FlushUntil:
+    """Close every bar whose interval ends at or before ``ts`` (ns)."""
+
+    ts: int
+
+
+@dataclass
+class Finish:
+    """End of input: close every open bar (backfill's last item)."""
+
+
+PipelineItem = RecordBatch | Checkpoint | FlushUntil | Finish
+
+
+def encode_state(state: dict[str, np.ndarray]) -> bytes:
+    """An engine series state as npz bytes (plain arrays, no pickle)."""
+    buf = io.BytesIO()
+    np.savez(buf, **state)
+    return buf.getvalue()
+
+
+def decode_state(blob: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def restore_engine(engine: Aggregator, writers: StoreWriterSet, registry: SeriesRegistry) -> dict[str, Any]:
+    """Load each registered symbol's saved engine state and progress note from its file."""
+    progress: dict[str, Any] = {}
+    for name in registry.names:
+        writer = writers.writer(name)
+        blob = writer.read_meta(ENGINE_STATE)
+        if blob:
+            engine.set_series_state(registry.index(name), decode_state(blob))
+        note = writer.read_meta(PROGRESS)
+        progress[name] = json.loads(note) if note else {}
+    return progress
+
+
+class ResumeFilter:
+    """Drops records a restored engine already aggregated: ``ts <= `` its last accepted ts.
+
+    A rerun (or a month redone after a crash) feeds records again from a chunk's start; the
+    engine state restored from the store already holds everything up to its last record, so
+    those are not new data and must not be counted as ``ts_not_increasing`` violations.
+    Marks are taken once, at restore time; records past them go to the engine untouched.
+    """
+
+    def __init__(self, engine: Aggregator, n_series: int):
+        self.marks = np.array(
+            [int(engine.get_series_state(i)["series"][S_LAST]) for i in range(n_series)], np.int64
+        )
+        self.skipped = 0
+
+    def __call__(self, batch: RecordBatch) -> RecordBatch:
+        if not len(batch) or not len(self.marks) or int(self.marks.max()) < 0:
+            return batch
+        series = batch.series
+        known = series < len(self.marks)
+        mark = np.where(known, self.marks[np.minimum(series, len(self.marks) - 1)], -1)
+        keep = batch.ts_event > mark
+        # Records of a series arrive in time order: once one is past the mark, all later are.
+        self.marks[np.unique(series[keep & known])] = -1
+        if keep.all():
+            return batch
+        self.skipped += int((~keep).sum())
+        return RecordBatch(
+            batch.kind, series[keep], batch.ts_event[keep], batch.open[keep], batch.high[keep],
+            batch.low[keep], batch.close[keep], batch.volume[keep],
+        )
+
+
+@dataclass
+class PipelineStats:
+    records: int = 0
+    bars: int = 0
+    bars_written: int = 0
+    batches: int = 0
+    progress: Progress = field(default_factory=Progress)
+    queues: dict[str, Any] = field(default_factory=dict)  # stage -> send stream (depth metrics)
+
+
+async def run_pipeline(
+    source: AsyncIterator[PipelineItem],
+    engine: Aggregator,
+    writers: StoreWriterSet,
+    registry: SeriesRegistry,
+    *,
+    queue_size: int = 8,
+    stats: PipelineStats | None = None,
+    on_written: Callable[[BarBatch, int], None] | None = None,
+) -> PipelineStats:
+    """Run the three stages until the source is exhausted; return counts.
+
+    ``on_written(bars, rows_written)`` is called after every flush (the daemon uses it for
+    the watchdog, metrics and STATUS=; backfill for its progress line).
+    """
+    stats = stats or PipelineStats()
+    to_engine_send, to_engine_recv = anyio.create_memory_object_stream[PipelineItem](queue_size)
+    to_writer_send, to_writer_recv = anyio.create_memory_object_stream[BarBatch | Checkpoint](queue_size)
+    stats.queues.update(engine=to_engine_send, writer=to_writer_send)
+
+    async def feed(send: ObjectSendStream[PipelineItem]) -> None:
+        async with send:
+            async for item in source:
+                await send.send(item)
+
+    async def aggregate(
+        recv: ObjectReceiveStream[PipelineItem], send: ObjectSendStream[BarBatch | Checkpoint]
+    ) -> None:
+        async with recv, send:
+            async for item in recv:
+                if isinstance(item, RecordBatch):
+                    stats.records += len(item)
+                    stats.batches += 1
+                    stats.progress.add(records=len(item), nbytes=item.nbytes)
+                    try:
+                        bars = await anyio.to_thread.run_sync(engine.process, item)
+                    except RuleViolationError as e:
+                        # Bars closed before the violation are final: write them, then stop.
+                        if len(getattr(e, "bars", ())):
+                            await send.send(e.bars)
+                        raise
+                elif isinstance(item, FlushUntil):
+                    bars = engine.flush(item.ts)
+                elif isinstance(item, Finish):
+                    bars = engine.finish()
+                elif isinstance(item, Checkpoint):
+                    for name in item.symbols:
+                        if name in registry:
+                            state = engine.get_series_state(registry.index(name))
+                            item.states[name] = encode_state(state)
+                    await send.send(item)
+                    continue
+                else:  # pragma: no cover - a programming error in a source
+                    raise TypeError(f"unexpected pipeline item {type(item).__name__}")
+                if len(bars):
+                    stats.bars += len(bars)
+                    stats.progress.add(bars=len(bars))
+                    await send.send(bars)
+
+    async def write(recv: ObjectReceiveStream[BarBatch | Checkpoint]) -> None:
+        async with recv:
+            async for item in recv:
+                if isinstance(item, Checkpoint):
+                    await anyio.to_thread.run_sync(_save_checkpoint, writers, item)
+                    if item.on_saved is not None:
+                        item.on_saved()
+                    continue
+                written = await anyio.to_thread.run_sync(writers.write, item, registry.names)
+                stats.bars_written += written
+                if on_written is not None:
+                    on_written(item, written)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(feed, to_engine_send)
+        tg.start_soon(aggregate, to_engine_recv, to_writer_send)
+        tg.start_soon(write, to_writer_recv)
+    return stats
+
+
+def _save_checkpoint(writers: StoreWriterSet, cp: Checkpoint) -> None:
+    for name in cp.symbols:
+        meta: dict[str, bytes] = {}
+        if name in cp.states:
+            meta[ENGINE_STATE] = cp.states[name]
+        if name in cp.progress:
+            meta[PROGRESS] = json.dumps(cp.progress[name], sort_keys=True).encode()
+        if meta:
+            writers.writer(name).append({}, meta=meta)
