@@ -209,12 +209,12 @@ class LiveSession:
         self._done = False
         self._send: ObjectSendStream[Any] | None = None
         self._recv: ObjectReceiveStream[Any] | None = None
-        self._lock = anyio.Lock()
+        self._lock: Any = None  # anyio primitives are made in connect(), inside the event loop
         self._pending: list[bytes] = []
         self._pending_since = 0.0
         self._pending_eoi: int | None = None
         self._pending_eoi_msg = ""
-        self._wake = anyio.Event()
+        self._wake: Any = None
         self._last_msg = 0.0
         self._closing = False
         self._map_ids = np.empty(0, np.uint32)
@@ -236,7 +236,10 @@ class LiveSession:
         await self.close()
 
     async def connect(self) -> None:
-        """Connect, authenticate, subscribe (off the event loop), start the pump."""
+        """Connect, authenticate, subscribe (off the event loop), start the pump. A session
+        connects once; make a new one (``start=last_ts_event``) to reconnect."""
+        if self._live is not None or self._done or self._closing:
+            raise RuntimeError("a LiveSession connects once: make a new one to reconnect")
         import databento as db
         from databento.common.error import BentoError
 
@@ -269,6 +272,7 @@ class LiveSession:
                  stype_in=self.stype_in, symbols=",".join(self.symbols), start=self.start,
                  session_id=self.session_id)
         self._send, self._recv = anyio.create_memory_object_stream[Any](self.queue_size)
+        self._lock, self._wake = anyio.Lock(), anyio.Event()
         self._last_msg = time.monotonic()
         stack = AsyncExitStack()
         self._tg = await stack.enter_async_context(anyio.create_task_group())
