@@ -68,6 +68,13 @@ def say(**event) -> None:
     print(json.dumps(event), flush=True)
 
 
+def resume_point(w) -> int:
+    """Where to resume, as the pipeline does: from the progress note (written after the rows
+    of every timeframe), re-sending what may be partly there -- appends are idempotent."""
+    note = w.read_meta("progress")
+    return json.loads(note)["next"] if note else 0
+
+
 def cmd_append(root: str, state_file: str, seed: str) -> None:
     """Append batches of random size forever, re-sending some overlap (idempotency).
 
@@ -77,8 +84,7 @@ def cmd_append(root: str, state_file: str, seed: str) -> None:
     with open(state_file, "r+b") as fh:
         state = np.frombuffer(mmap.mmap(fh.fileno(), 24), dtype=np.int64)
     w = open_writer(root)
-    i = w.high_water_marks()["1s"]
-    i = 0 if i < 0 else (i - T0) // SEC + 1
+    i = resume_point(w)
     state[2] = i
     say(event="ready", next=int(i), hwm=w.high_water_marks())
     while True:
@@ -95,11 +101,9 @@ def cmd_append(root: str, state_file: str, seed: str) -> None:
 def cmd_finish(root: str, rows: str) -> None:
     with open_writer(root) as w:
         hwm = w.high_water_marks()
-        i = 0 if hwm["1s"] < 0 else (hwm["1s"] - T0) // SEC + 1
-        progress = w.read_meta("progress")
-        got = w.append(batch(max(0, i - 10), int(rows)))
-        say(event="finished", hwm_at_open=hwm, next=int(i), written=got,
-            progress=json.loads(progress) if progress else None)
+        i = resume_point(w)
+        got = w.append(batch(i, int(rows)), meta={"progress": json.dumps({"next": int(rows)}).encode()})
+        say(event="finished", hwm_at_open=hwm, next=int(i), written=got)
 
 
 def cmd_pulse(root: str, rows: str, period: str) -> None:

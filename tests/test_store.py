@@ -369,10 +369,10 @@ def test_compact_rewrites_closed_files_and_refuses_locked_ones(tmp_path):
 
 
 def test_bytes_on_disk_per_bar_stay_within_twice_the_row_size(tmp_path):
-    # Three hours of the daemon's pattern: one 1s bar per append, every coarser timeframe's
+    # Two hours of the daemon's pattern: one 1s bar per append, every coarser timeframe's
     # bar as it closes, a flush per append. (bench/store.py runs the full day.)
     tfs = parse_timeframes(list(STANDARD_TIMEFRAMES))
-    seconds = 3 * 3600
+    seconds = 2 * 3600
     total = 0
     with writer(tmp_path, tfs=tfs, chunk_rows=4096) as w:
         for i in range(seconds):
@@ -385,3 +385,12 @@ def test_bytes_on_disk_per_bar_stay_within_twice_the_row_size(tmp_path):
         path = w.path
     per_row = os.path.getsize(path) / total
     assert per_row <= 2 * BAR_DTYPE.itemsize, f"{per_row:.1f} bytes per {BAR_DTYPE.itemsize}-byte row"
+
+
+def test_writer_in_a_process_that_reads_the_file_says_why_it_cannot_open(tmp_path):
+    writer(tmp_path).close()
+    with open_store(tmp_path) as r:
+        assert r.symbols() == ["ES.c.0"]
+        with pytest.raises(StoreError, match="StoreReader in this process has it open"):
+            writer(tmp_path)
+    writer(tmp_path).close()  # the refusal released the lock; the reader's close freed the file

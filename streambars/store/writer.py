@@ -135,7 +135,11 @@ class BarFileWriter:
         try:
             f = h5py.File(self.path, "r+", libver=LIBVER, locking=False)
         except OSError as e:
-            raise StoreError(f"cannot open {self.path} for writing: {_oserror_text(e)}") from e
+            hint = ""
+            if "already open for read-only" in str(e):
+                hint = (" (a StoreReader in this process has it open: HDF5 lets one process hold a"
+                        " file either for reading or for writing; close it, or read from another process)")
+            raise StoreError(f"cannot open {self.path} for writing: {_oserror_text(e)}{hint}") from e
         self._f = f
         check_contract(f, self.path, dataset=self.dataset, symbol=self.symbol, stype=self.stype,
                        timeframes=self._requested, session=self.session)
