@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 
 import h5py
 import numpy as np
@@ -226,6 +227,12 @@ def test_exit_codes_through_the_cli(planted, tmp_path, capsys, monkeypatch):
     bad.mkdir(parents=True)
     (bad / "X.h5").write_bytes(b"not hdf5 at all" * 100)
     assert cli_main(["validate", "--store", str(tmp_path / "bad")]) == 2
+    # one unreadable file among good ones: the others are checked, the exit code says 2
+    shutil.copytree(root / "GLBX.MDP3", tmp_path / "mixed" / "GLBX.MDP3")
+    shutil.copy(bad / "X.h5", tmp_path / "mixed" / "GLBX.MDP3" / "X.h5")
+    out = io.StringIO()
+    code = run_validate(_settings(tmp_path / "mixed"), symbols=["NQ.c.0"], report_path=tmp_path / "m.txt", out=out)
+    assert code == 2 and "X.h5" in out.getvalue() and "UNREADABLE" in out.getvalue()
     err = capsys.readouterr().err
     assert "CL.c.0" in err and "not-a-date" in err
 

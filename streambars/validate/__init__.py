@@ -12,7 +12,8 @@ Modules, one job each:
 * ``report``    -- text, JSON and the terminal table
 
 Exit codes: 0 clean (warnings and info allowed), 1 an error-severity rule failed, 2 bad
-arguments or an unreadable store.
+arguments or an unreadable store (also when one file of it cannot be read: the others are
+still checked and reported).
 """
 
 from __future__ import annotations
@@ -164,8 +165,12 @@ def validate_store(
         groups: dict[tuple[str, str], list] = defaultdict(list)
         for info in infos:
             groups[(info.dataset, info.symbol)].append(info)
+        report.unreadable = _unreadable_files(root, {Path(i.path) for i in infos})
+        for text in report.unreadable:
+            report.notes.append(f"unreadable: {text}")
         if not groups:
-            raise UnreadableStoreError(f"no bar files in {root}")
+            why = f": {'; '.join(report.unreadable)}" if report.unreadable else ""
+            raise UnreadableStoreError(f"no readable bar files in {root}{why}")
         chosen = _select(groups, dataset, wanted_symbols, selected)
 
         fetch: Fetcher | None = None
@@ -202,6 +207,25 @@ def validate_store(
             report.notes += outcome.notes
     report.finished = datetime.now(UTC)
     return report
+
+
+def _unreadable_files(root: Path, opened: set[Path]) -> list[str]:
+    """Store files the reader could not open (it skips them), each with the reason."""
+    import h5py
+
+    from ..store.layout import store_files
+
+    out = []
+    for p in store_files(root):
+        if p in opened:
+            continue
+        try:
+            with h5py.File(p, "r", swmr=True, locking=False) as f:
+                why = "not a streambars bar file (no /bars group)" if "bars" not in f else "not readable"
+        except OSError as e:
+            why = str(e).split("(")[0].strip() or "not an HDF5 file"
+        out.append(f"{p}: {why}")
+    return out
 
 
 def _split(values: list[str]) -> list[str]:

@@ -108,12 +108,16 @@ class Report:
     parameters: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # dataset/file level remarks
     series: list[SeriesResult] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)  # store files that could not be read
 
     def count(self, severity: Severity) -> int:
         return sum(s.count(severity) for s in self.series)
 
     @property
     def exit_code(self) -> int:
+        """0 clean (warnings, info allowed), 1 an error-severity rule failed, 2 a file unreadable."""
+        if self.unreadable:
+            return 2
         return 1 if self.count(Severity.ERROR) else 0
 
     @property
@@ -121,10 +125,13 @@ class Report:
         e, w, i = (self.count(s) for s in (Severity.ERROR, Severity.WARNING, Severity.INFO))
         bad = sum(1 for s in self.series if s.count(Severity.ERROR))
         head = "FAILED" if e else "OK"
-        return (
+        text = (
             f"{head}: {e} error(s), {w} warning(s), {i} info in {len(self.series)} series"
             + (f" ({bad} with errors)" if bad else "")
         )
+        if self.unreadable:
+            text = f"UNREADABLE: {len(self.unreadable)} file(s) could not be read; " + text
+        return text
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -141,6 +148,7 @@ class Report:
             "warnings": self.count(Severity.WARNING),
             "infos": self.count(Severity.INFO),
             "notes": self.notes,
+            "unreadable": self.unreadable,
             "series": [s.to_json() for s in self.series],
         }
 

@@ -156,8 +156,7 @@ class SeriesCheck:
         if self.tf.is_daily:
             slots = np.zeros(ts.shape[0], np.int64)
         else:
-            width = max(self.tf.nanos, PROFILE_NS)
-            slots = session_slots(ts, self.hours_from, np.int64(width))
+            slots = session_slots(ts, self.hours_from, np.int64(PROFILE_NS))
         lo, hi = _month(ts[:1])[0], _month(ts[-1:])[0]
         if lo == hi and (ts.shape[0] < 2 or ts[0] <= ts[-1]):
             parts = [(int(lo), slice(None))]
@@ -178,10 +177,10 @@ class SeriesCheck:
         """Outliers among the month's bars that start at the same time of the session.
 
         Volume has a strong intraday profile (the open, the close, the quiet night), so a bar
-        is compared with the bars of the same quarter hour of the session that month (or of
-        the bar's own length when longer), not with the night's. Time of session counts from
-        the session boundary (17:00 Chicago), so it follows daylight saving. Daily bars form
-        one group per month.
+        is compared with the bars that start in the same quarter hour of the session that
+        month, not with the night's. Time of session counts from the session boundary (17:00
+        Chicago), so it follows daylight saving (a 2h bar at 14:00 UTC is 08:00 Chicago in
+        winter and 09:00 in summer: two groups). Daily bars form one group per month.
         """
         if not self._vol:
             return
