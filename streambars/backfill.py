@@ -34,7 +34,7 @@ from . import archive
 from .config import Settings, load_api_key
 from .engine import Aggregator
 from .errors import CostLimitError, SourceError, UsageError
-from .observe import Progress, get_logger
+from .observe import Progress, TerminalProgress, get_logger
 from .pipeline import (
     Checkpoint,
     Finish,
@@ -45,9 +45,10 @@ from .pipeline import (
     restore_engine,
     run_pipeline,
 )
-from .records import SeriesRegistry
+from .records import INPUT_INTERVAL_NS, INPUT_KINDS, SeriesRegistry
 from .rules import RECORD_RULE_NAMES
 from .sources import dbnfile
+from .sources.historical import UnknownSymbolError
 from .store import StoreWriterSet
 
 log = get_logger("streambars.backfill")
@@ -130,6 +131,17 @@ def run_backfill(settings: Settings, options: BackfillOptions, out: TextIO = sys
     return 0
 
 
+def _check_timeframes_fit(settings: Settings) -> None:
+    """The input interval must divide every timeframe (ohlcv-1m cannot make 1s bars)."""
+    step = INPUT_INTERVAL_NS[settings.databento.schema] // 1_000_000_000
+    bad = [t.name for t in settings.bars.timeframes if step and t.seconds % step]
+    if bad:
+        raise UsageError(
+            f"timeframes {', '.join(bad)} cannot be built from {settings.databento.schema} records; "
+            f"use timeframes that are multiples of {step} s (--timeframes)"
+        )
+
+
 def _make_engine(settings: Settings) -> Aggregator:
     v = settings.validation
     return Aggregator(
@@ -188,6 +200,18 @@ def backfill_historical(
 
             key = load_api_key(options.env_file)
             client = HistoricalSource(key, gateway=db.historical_gateway or None)
+            # Resolve over the whole range first (free): a symbol unknown for the entire range
+            # is the user's mistake; one that merely did not trade in some month is not.
+            _, not_found = client.resolve_symbols(
+                db.dataset, sorted({c.symbol for c in need}), db.stype_in, start, end
+            )
+            if not_found:
+                raise UnknownSymbolError(
+                    f"{db.dataset} ({db.stype_in}) has no symbol {', '.join(sorted(not_found))} "
+                    f"between {start:%Y-%m-%d} and {end:%Y-%m-%d}; check --symbols, --stype-in "
+                    "and --dataset",
+                    tuple(not_found),
+                )
             cost = _cost(client, db, chunks, need)
             print(f"cost of the download: ${cost:,.2f} (limit ${db.max_cost:,.2f})", file=out)
             if options.dry_run:
@@ -236,11 +260,12 @@ def _run(
 ) -> BackfillResult:
     db = settings.databento
     root = settings.store.path
-    progress = Progress()
+    progress = Progress(units_total=len(todo))
+    terminal = TerminalProgress(progress)
     t0 = time.monotonic()
 
     async def source() -> AsyncIterator[PipelineItem]:
-        ready_send, ready_recv = anyio.create_memory_object_stream[tuple[Chunk, Path]](2)
+        ready_send, ready_recv = anyio.create_memory_object_stream[tuple[Chunk, Path | None]](2)
 
         async def download() -> None:
             async with ready_send:
@@ -248,11 +273,17 @@ def _run(
                     path = archive.month_path(root, db.dataset, chunk.symbol, chunk.month, chunk.key)
                     if client is not None and (force or not path.exists()):
                         log.info("downloading", symbol=chunk.symbol, month=chunk.key)
-                        await anyio.to_thread.run_sync(
-                            lambda c=chunk, p=path: client.download_month(
-                                db.dataset, c.symbol, db.schema, db.stype_in, c.start, c.end, p
+                        try:
+                            await anyio.to_thread.run_sync(
+                                lambda c=chunk, p=path: client.download_month(
+                                    db.dataset, c.symbol, db.schema, db.stype_in, c.start, c.end, p
+                                )
                             )
-                        )
+                        except UnknownSymbolError:
+                            # Resolved for the range, not for this month (not listed yet, or
+                            # expired): an empty month, nothing archived, marked done.
+                            log.warning("symbol not listed this month", symbol=chunk.symbol, month=chunk.key)
+                            path = None
                         result.chunks_downloaded += 1
                     await ready_send.send((chunk, path))
 
@@ -260,19 +291,25 @@ def _run(
             tg.start_soon(download)
             async with ready_recv:
                 async for chunk, path in ready_recv:
-                    async for batch in _decode(path, registry, db.schema, db.stype_in, chunk.symbol, resume):
-                        yield batch
+                    if path is not None:
+                        async for batch in _decode(path, registry, db.schema, db.stype_in, chunk.symbol, resume):
+                            yield batch
+                            terminal.update(f"{chunk.key} {chunk.symbol}")
                     done_keys.setdefault(chunk.symbol, []).append(chunk.key)
                     yield Checkpoint(
                         (chunk.symbol,), {chunk.symbol: {"done": sorted(set(done_keys[chunk.symbol]))}}
                     )
-                    _report(progress, result, chunk)
+                    progress.units_done += 1
+                    log.info("month done", symbol=chunk.symbol, month=chunk.key, **progress.fields())
             yield FlushUntil(int(range_end.timestamp()) * 1_000_000_000)
             yield Checkpoint(tuple(registry.names))
 
     result.stats.progress = progress
     resume = ResumeFilter(engine, len(registry))
-    _run_with_signals(run_pipeline(source(), engine, writers, registry, stats=result.stats))
+    try:
+        _run_with_signals(run_pipeline(source(), engine, writers, registry, stats=result.stats))
+    finally:
+        terminal.close()
     _collect(engine, registry, result, settings)
     result.seconds = time.monotonic() - t0
     return result
@@ -294,10 +331,6 @@ async def _decode(
             yield batch
 
 
-def _report(progress: Progress, result: BackfillResult, chunk: Chunk) -> None:
-    log.info("month done", symbol=chunk.symbol, month=chunk.key, **progress.fields())
-
-
 def ingest_dbn_files(settings: Settings, paths: list[Path], out: TextIO = sys.stdout) -> BackfillResult:
     """`--from-dbn`: DBN files the user already has; no API key, same pipeline."""
     for p in paths:
@@ -307,6 +340,12 @@ def ingest_dbn_files(settings: Settings, paths: list[Path], out: TextIO = sys.st
     datasets = {i.dataset for i in infos}
     if len(datasets) != 1:
         raise UsageError(f"--from-dbn files mix datasets {sorted(datasets)}; ingest one dataset at a time")
+    for info in infos:
+        if info.schema not in INPUT_KINDS:
+            raise UsageError(
+                f"--from-dbn {info.path}: schema {info.schema or 'mixed (a live capture)'} cannot "
+                f"make bars; allowed: {', '.join(INPUT_KINDS)}"
+            )
     schemas = {i.schema for i in infos}
     if len(schemas) != 1:
         raise UsageError(f"--from-dbn files mix schemas {sorted(schemas)}; ingest one schema at a time")
@@ -315,6 +354,7 @@ def ingest_dbn_files(settings: Settings, paths: list[Path], out: TextIO = sys.st
     from dataclasses import replace
 
     settings = replace(settings, databento=replace(settings.databento, dataset=dataset, schema=schema))
+    _check_timeframes_fit(settings)
     registry = SeriesRegistry()
     writers = _make_writers(settings, dataset, stype)
     result = BackfillResult(chunks_total=len(paths))
@@ -377,6 +417,10 @@ def _run_with_signals(coro: Any) -> None:
 
 
 def _collect(engine: Aggregator, registry: SeriesRegistry, result: BackfillResult, settings: Settings) -> None:
+    per_tf = result.stats.per_timeframe
+    result.bars_per_timeframe = {
+        tf.name: int(per_tf[k]) if k < len(per_tf) else 0 for k, tf in enumerate(engine.timeframes)
+    }
     counts = engine.counts
     for j, name in enumerate(RECORD_RULE_NAMES):
         total = int(counts[:, j].sum()) if counts.size else 0
@@ -393,6 +437,12 @@ def print_summary(result: BackfillResult, settings: Settings, out: TextIO) -> No
         f"{result.chunks_skipped} already done, {result.chunks_downloaded} downloaded",
         file=out,
     )
+    if result.bars_per_timeframe:
+        print(
+            "bars per timeframe: "
+            + ", ".join(f"{tf} {n:,}" for tf, n in result.bars_per_timeframe.items()),
+            file=out,
+        )
     if result.violations:
         print(
             "validation: " + ", ".join(f"{k}={v:,}" for k, v in sorted(result.violations.items())),

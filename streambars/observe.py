@@ -134,11 +134,14 @@ def default_numba_cache_dir() -> None:
 class Progress:
     """Counts long work and says how far it is: records, bars, MB, rate, ETA.
 
-    ``total_records`` may be unknown (live); the ETA is then omitted. ``line()`` gives a
-    one-line summary, used for terminal progress, log events and systemd STATUS=.
+    The ETA comes from ``total_records`` when known, else from work units (``units_total``,
+    e.g. months x symbols of a backfill, with ``units_done``); live work has neither and no
+    ETA. ``line()`` gives a one-line summary for terminals, log events and systemd STATUS=.
     """
 
     total_records: int | None = None
+    units_total: int | None = None
+    units_done: int = 0
     records: int = 0
     bars: int = 0
     bytes: int = 0
@@ -159,9 +162,11 @@ class Progress:
 
     @property
     def eta_seconds(self) -> float | None:
-        if not self.total_records or self.records == 0:
-            return None
-        return max(self.total_records - self.records, 0) / self.rate
+        if self.total_records and self.records:
+            return max(self.total_records - self.records, 0) / self.rate
+        if self.units_total and self.units_done:
+            return self.elapsed / self.units_done * max(self.units_total - self.units_done, 0)
+        return None
 
     def fields(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -171,6 +176,8 @@ class Progress:
             "records_per_s": round(self.rate),
             "elapsed_s": round(self.elapsed, 1),
         }
+        if self.units_total:
+            out["done"] = f"{self.units_done}/{self.units_total}"
         eta = self.eta_seconds
         if eta is not None:
             out["eta_s"] = round(eta, 1)
@@ -182,6 +189,31 @@ class Progress:
             f"{f['records']:,} records, {f['bars']:,} bars, {f['mb']} MB, "
             f"{f['records_per_s']:,} rec/s"
         )
+        if "done" in f:
+            text = f"[{f['done']}] " + text
         if "eta_s" in f:
             text += f", ETA {f['eta_s']:.0f}s"
         return text
+
+
+class TerminalProgress:
+    """Rewrites one status line on a terminal (at most a few times a second); silent when
+    stderr is not a terminal, where the structured log events carry the same figures."""
+
+    def __init__(self, progress: Progress, prefix: str = "", min_interval: float = 0.25):
+        self.progress, self.prefix, self.min_interval = progress, prefix, min_interval
+        self.enabled = sys.stderr.isatty()
+        self._last = 0.0
+
+    def update(self, note: str = "", force: bool = False) -> None:
+        now = time.monotonic()
+        if not self.enabled or (not force and now - self._last < self.min_interval):
+            return
+        self._last = now
+        sys.stderr.write(f"\r\x1b[K{self.prefix}{self.progress.line()}{'  ' + note if note else ''}")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.update(force=True)
+            sys.stderr.write("\n")

@@ -130,6 +130,16 @@ class PipelineStats:
     bars_written: int = 0
     batches: int = 0
     progress: Progress = field(default_factory=Progress)
+    #: bars closed per timeframe index (the aggregator's order)
+    per_timeframe: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    def count_bars(self, bars: BarBatch) -> None:
+        by_tf = np.bincount(bars.bars["timeframe"], minlength=len(self.per_timeframe))
+        if len(by_tf) > len(self.per_timeframe):
+            grown = np.zeros(len(by_tf), np.int64)
+            grown[: len(self.per_timeframe)] = self.per_timeframe
+            self.per_timeframe = grown
+        self.per_timeframe += by_tf
     queues: dict[str, Any] = field(default_factory=dict)  # stage -> send stream (depth metrics)
 
 
@@ -189,6 +199,7 @@ async def run_pipeline(
                     raise TypeError(f"unexpected pipeline item {type(item).__name__}")
                 if len(bars):
                     stats.bars += len(bars)
+                    stats.count_bars(bars)
                     stats.progress.add(bars=len(bars))
                     await send.send(bars)
 

@@ -99,7 +99,11 @@ def _expected_bars(records: np.ndarray, until: int) -> dict[str, np.ndarray]:
 
 
 def _assert_store_matches(store: Path, fake) -> None:
-    reader = open_store(store)
+    with open_store(store) as reader:
+        _assert_reader_matches(reader, fake)
+
+
+def _assert_reader_matches(reader, fake) -> None:
     for symbol, records in fake.expected.items():
         expected = _expected_bars(records, _ns(END))
         for tf, exp in expected.items():
@@ -110,8 +114,8 @@ def _assert_store_matches(store: Path, fake) -> None:
 
 
 def _snapshot(store: Path) -> dict[tuple[str, str], np.ndarray]:
-    reader = open_store(store)
-    return {(s, tf): reader.read(s, tf, dataset=DATASET) for s in ("ES.c.0", "NQ.c.0") for tf in TIMEFRAMES}
+    with open_store(store) as reader:
+        return {(s, tf): reader.read(s, tf, dataset=DATASET) for s in ("ES.c.0", "NQ.c.0") for tf in TIMEFRAMES}
 
 
 def test_multi_month_backfill_equals_engine_and_rerun_pays_nothing(market, tmp_path, api_key, monkeypatch, capsys):
@@ -275,3 +279,22 @@ def test_corrupt_dbn_file_is_refused_by_name(tmp_path, capsys, testdata):
     bad.write_bytes(good[: len(good) - 20])
     assert main(["backfill", "--store", str(tmp_path / "s"), "--from-dbn", str(bad)]) == 1
     assert "bad.dbn.zst" in capsys.readouterr().err
+
+
+def test_symbol_listed_only_part_of_the_range(market, tmp_path, api_key, monkeypatch, capsys):
+    """Known for the range but not yet listed in January: January is an empty month, not an
+    'unknown symbol' error."""
+    monkeypatch.setenv("DATABENTO_API_KEY", api_key)
+    listed = date(2024, 2, 1)
+    market.add_instrument(DATASET, 301, "YMH4", listed, date(2024, 6, 1))
+    market.add_continuous(DATASET, "YM.c.0", [(listed, date(2024, 6, 1), 301)])
+    market.add_records(DATASET, "ohlcv-1s", _records(301, 5000, _weekdays("2024-02-01", "2024-03-29")))
+    store = tmp_path / "store"
+    args = _args(store, market, "--yes", "--symbols", "YM.c.0")
+    assert main(args) == 0
+    with open_store(store) as reader:
+        bars = reader.read("YM.c.0", "1min", dataset=DATASET)
+    assert len(bars) > 1000 and bars["ts_event"][0] >= _ns(listed)
+    requests = market.count("YM.c.0")
+    assert main(args) == 0  # January counts as done: not requested again
+    assert market.count("YM.c.0") == requests
