@@ -302,6 +302,6 @@ def run_validate(
         if json_path:
             report.write_json(Path(json_path))
             print(f"json: {json_path}", file=out)
-    except OSError as e:
-        raise StoreError(f"cannot write the validation report: {e}") from None
+    except OSError as e:  # the results are on stdout; the place asked for cannot be written
+        raise UsageError(f"cannot write the validation report ({e}); pass --report/--json a writable path") from None
     return report.exit_code

@@ -183,7 +183,7 @@ class Report:
             passed, skipped = [], []
             for name, t, why in s.rule_rows():
                 if t is None:
-                    skipped.append(f"{name} ({why})")
+                    skipped.append(f"{name}: {why}")
                 elif not t.count:
                     passed.append(name)
                 else:
