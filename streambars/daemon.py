@@ -335,9 +335,11 @@ def _first(eg: BaseExceptionGroup) -> BaseException:
             flat.append(e)
 
     walk(eg)
+    # Errors that only say another task failed first are the least telling.
+    secondary = (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream)
     for kind in (AuthenticationError, ConfigError, StreambarsError, Exception):
         for e in flat:
-            if isinstance(e, kind):
+            if isinstance(e, kind) and not isinstance(e, secondary):
                 return e
     return flat[0]
 

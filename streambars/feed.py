@@ -182,7 +182,7 @@ class Epoch:
                 except AuthenticationError:
                     raise
                 except (SourceError, OSError, ValueError) as e:
-                    await session.close()
+                    await _close_session(session)
                     delay = backoff.next()
                     self.d.counters.state = "connecting"
                     log.warning("cannot reach the Live gateway; retrying", gateway=self._gateway_text(),
@@ -195,7 +195,7 @@ class Epoch:
                 try:
                     reason = await self._pump(session, start, backoff)
                 finally:
-                    await session.close()  # same task as connect(): it owns a task group
+                    await _close_session(session)  # same task as connect(): it owns a task group
                 self.closer.disconnected()
                 self.d.metrics.connected.set(0)
                 if self._stopping():
@@ -248,10 +248,9 @@ class Epoch:
             live = self.marks.to_note(i)
             live["flushed_until"] = int(self.flushed_until)
             progress[name] = {**self.notes.get(name, {}), LIVE_NOTE: live}
-        cp = Checkpoint(tuple(self.registry.names), progress)
-        if hasattr(cp, "on_saved"):
-            cp.on_saved = self.d.data_moved  # type: ignore[attr-defined]
-        return cp
+        # Saved by the writer stage after everything sent before it: the watchdog's proof
+        # that the whole pipeline moves even when no bar closes.
+        return Checkpoint(tuple(self.registry.names), progress, on_saved=self.d.data_moved)
 
     # -- one connection ----------------------------------------------------------------
 
@@ -459,6 +458,14 @@ class Epoch:
         for i, j in zip(*np.nonzero(lb >= 0), strict=True):
             out.append((self.registry.names[int(i)], self.tf_names[int(j)], int(lb[i, j])))
         return out
+
+
+async def _close_session(session: LiveSession) -> None:
+    """Close a Live session; a failure while closing must never end the epoch."""
+    try:
+        await session.close()
+    except Exception as e:  # e.g. its batch ticker caught blocked on the stream being closed
+        log.debug("closing the live session raised; ignored", error=scrub(repr(e)))
 
 
 def _checkpoint_interval() -> float:

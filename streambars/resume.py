@@ -158,7 +158,7 @@ class WallClockCloser:
     def __init__(self, grace_s: float, hold_s: float | None = None,
                  clock: Any = time.time, mono: Any = time.monotonic):
         self.grace_ns = int(grace_s * NS)
-        self.hold_s = hold_s if hold_s is not None else max(2 * grace_s, 5.0)
+        self.hold_s = hold_s if hold_s is not None else max(2 * grace_s, 2.0)
         self.clock, self.mono = clock, mono
         self.connected = False
         self.catching_up = False

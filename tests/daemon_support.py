@@ -93,8 +93,9 @@ class NotifySocket:
 def write_config(path: Path, gateway: str, store: Path, symbols: Iterable[str] = ("ES.c.0", "NQ.c.0"),
                  schema: str = "ohlcv-1s", timeframes: list[str] | None = None,
                  log_file: Path | None = None, **live: Any) -> Path:
+    # The seeded data is from 2024: a replay window that reaches it (the fake has no limit).
     live = {"close_grace_s": 0.5, "heartbeat_timeout_s": 3.0, "reconnect_min_s": 0.2,
-            "reconnect_max_s": 1.0, "batch_max_ms": 2.0, **live}
+            "reconnect_max_s": 1.0, "batch_max_ms": 2.0, "replay_window_h": 1e6, **live}
     lines = [
         "[databento]",
         'dataset = "GLBX.MDP3"',

@@ -131,3 +131,38 @@ def test_unwritable_store_refused_at_start(tmp_path):
     rc, text, sessions = _refused(tmp_path, blocker / "store")
     assert (rc, sessions) == (1, 0)
     assert "not writable" in text
+
+
+def test_sighup_reopens_the_log_file_and_reloads_the_symbol_list(tmp_path):
+    from streambars.config import load_settings
+    from tests.daemon_support import read_bars, reference_bars
+
+    records = es_nq_records(3000)
+    fake = make_gateway(records, rate=800.0, heartbeat_interval=0.2)
+    store, log_file = tmp_path / "store", tmp_path / "logs" / "daemon.jsonl"
+    cfg = tmp_path / "c.toml"
+    try:
+        write_config(cfg, fake.gateway, store, symbols=["ES.c.0"], log_file=log_file)
+        d = Daemon(tmp_path, cfg)
+        wait_for(lambda: row_counts(store, "ES.c.0").get("1s", 0) > 50, 30, "ES bars", daemon=d)
+        rotated = log_file.with_suffix(".jsonl.1")
+        log_file.rename(rotated)  # what logrotate does before its postrotate SIGHUP
+        write_config(cfg, fake.gateway, store, symbols=["ES.c.0", "NQ.c.0"], log_file=log_file)
+        d.signal(signal.SIGHUP)
+        wait_for(lambda: row_counts(store, "NQ.c.0").get("1s", 0) > 50, 30, "NQ bars after SIGHUP", daemon=d)
+        settings = load_settings(cfg)
+        ref = reference_bars(settings, {"ES.c.0": records["ES.c.0"]}, ["ES.c.0"])["ES.c.0"]
+        want = {tf: len(rows) for tf, rows in ref.items()}
+        wait_for(lambda: row_counts(store, "ES.c.0") == want, 40, "every ES bar", every=0.2, daemon=d)
+        d.signal(signal.SIGTERM)
+        assert d.wait(20) == 0
+    finally:
+        fake.stop()
+    new_lines = log_file.read_text()
+    assert "SIGHUP: log file reopened" in new_lines
+    assert "symbol list changed" in new_lines
+    assert "SIGHUP" not in rotated.read_text()
+    # The epoch switch lost nothing and duplicated nothing for the symbol that streamed on.
+    got = read_bars(store, "ES.c.0", swmr=False)
+    for tf, rows in ref.items():
+        np.testing.assert_array_equal(got[tf], rows, err_msg=tf)
