@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -365,6 +366,18 @@ def test_compact_rewrites_closed_files_and_refuses_locked_ones(tmp_path):
         assert w.append({"1s": stepped(1, 0, 20_010)}) == {"1s": 10}
     with h5py.File(es, "r") as f:
         assert f["bars/1s"].compression is None and f["bars/1s"].shape == (20_010,)
+    # A reader holding the file across a compaction (by another process: HDF5 will not let one
+    # process read a file while rewriting it) moves to the new file on refresh().
+    held = open_store(tmp_path)
+    inode = os.stat(es).st_ino
+    out = subprocess.run([sys.executable, "-m", "streambars", "compact", "--store", str(tmp_path),
+                          "--compression", "lzf", str(es)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert os.stat(es).st_ino != inode
+    held.refresh()
+    assert held._files[es].key[1] == os.stat(es).st_ino  # (same rows in both: check the inode)
+    np.testing.assert_array_equal(held.read("ES.c.0", "1s"), stepped(1, 0, 20_010))
+    held.close()
     assert not [p for p in es.parent.iterdir() if ".compact-" in p.name or ".creating-" in p.name]
 
 

@@ -212,19 +212,29 @@ class StoreReader:
         self.refresh()
 
     def refresh(self) -> None:
-        """Pick up files created since opening (rows of open files refresh on every read)."""
+        """Pick up files created since opening, and files replaced by ``compact`` (a new
+        inode under the same name). New rows of open files need no call: every read
+        refreshes its dataset."""
         for p in store_files(self.path):
-            if p not in self._files:
+            fh = self._files.get(p)
+            if fh is not None:
                 try:
-                    self._files[p] = _acquire(p)
-                except StoreError:
-                    if self.path.is_file():
-                        raise
+                    if os.stat(p).st_ino == fh.key[1]:
+                        continue
+                except OSError:
+                    continue
+                _release(self._files.pop(p))
+            try:
+                self._files[p] = _acquire(p)
+            except StoreError:
+                if self.path.is_file():
+                    raise
 
     # -- what is there -------------------------------------------------------------------
 
     def series(self) -> list[SeriesInfo]:
         """Every (dataset, symbol, timeframe) with rows, first and last bar, file size."""
+        self.refresh()
         out = []
         for fh in self._files.values():
             size = _size(fh.path)
