@@ -65,7 +65,7 @@ def build(out: Path, days: int) -> dict[str, float]:
             c1 = time.process_time()
             outs = [agg.process(batch).bars]
             if day >= days:
-                outs.append(agg.finish().bars)  # appended on its own: see the note in main()
+                outs.append(agg.finish().bars)
             t2, c2 = time.perf_counter(), time.process_time()
             for bars in outs:
                 w.append({names[k]: bars[bars["timeframe"] == k] for k in range(len(names))})
