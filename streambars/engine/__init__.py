@@ -77,7 +77,7 @@ class Aggregator:
                     f"timeframe (and the session boundary {session}) must be a whole multiple "
                     f"of the input interval ({interval // 1_000_000_000} s)"
                 )
-        self._bounds = np.array(bounds, dtype=np.int64)  # writable: the kernel signature wants it
+        self._bounds = np.asarray(bounds, dtype=np.int64)
 
         n = len(tfs)
         cfg = np.zeros((n, K.N_CFG_FIELDS), np.int64)
@@ -88,25 +88,25 @@ class Aggregator:
         for k in range(n):
             if cfg[k, K.C_SOURCE] >= 0:
                 cfg[cfg[k, K.C_SOURCE], K.C_CHILDREN] += 1
-        self._cfg = cfg
         self.sources: tuple[int, ...] = tuple(int(x) for x in cfg[:, K.C_SOURCE])
 
         pol = policy_array(policies or {}, default_policy)
-        par = np.zeros(K.N_PAR_FIELDS, np.int64)
-        par[K.P_STRICT] = int(input_kind != "trades")  # bars strictly increasing, trades may tie
-        par[K.P_INTERVAL] = interval
-        par[K.P_MAX_VOLUME] = np.uint64(max_volume).view(np.int64) if max_volume else 0
-        par[K.P_LAST_ROOT] = max(k for k in range(n) if cfg[k, K.C_SOURCE] < 0)
-        par[K.P_DROP_MASK] = ALWAYS_DROP_MASK | sum(1 << b for b in range(len(pol)) if pol[b] == Policy.DROP)
-        par[K.P_FAIL_MASK] = sum(1 << b for b in range(len(pol)) if pol[b] == Policy.FAIL)
-        self._par = par
+        head = np.zeros(K.N_HEADER, np.int64)
+        head[K.H_LEVELS] = n
+        head[K.H_NBOUNDS] = len(self._bounds)
+        head[K.H_STRICT] = int(input_kind != "trades")  # bars strictly increasing, trades may tie
+        head[K.H_INTERVAL] = interval
+        head[K.H_MAX_VOLUME] = np.uint64(max_volume).view(np.int64) if max_volume else 0
+        head[K.H_LAST_ROOT] = max(k for k in range(n) if cfg[k, K.C_SOURCE] < 0)
+        head[K.H_DROP_MASK] = ALWAYS_DROP_MASK | sum(1 << b for b in range(len(pol)) if pol[b] == Policy.DROP)
+        head[K.H_FAIL_MASK] = sum(1 << b for b in range(len(pol)) if pol[b] == Policy.FAIL)
+        self._head, self._cfg = head, cfg
         self.policies = {name: Policy(int(pol[b])) for b, name in enumerate(RECORD_RULE_NAMES)}
 
         self._out = np.empty(max(int(out_capacity), 2 * n), TAGGED_BAR_DTYPE)
         self._out_bytes = memoryview(self._out.view(np.uint8))
         self._floor = -1
-        self._lv = np.zeros((0, n, K.N_LEVEL_FIELDS), np.int64)
-        self._ser = np.zeros((0, K.N_SERIES_FIELDS), np.int64)
+        self._arena(0)
 
     # -- set-up ----------------------------------------------------------------------------
 
@@ -122,21 +122,32 @@ class Aggregator:
                 return j
         return -1
 
+    def _arena(self, n_series: int, lv: np.ndarray | None = None, ser: np.ndarray | None = None) -> None:
+        """(Re)build the kernels' one state array for ``n_series`` series, keeping lv/ser rows given."""
+        n, nb = len(self.timeframes), len(self._bounds)
+        off = K.layout(n, nb, n_series)
+        st = np.zeros(off["size"], np.int64)
+        st[: K.N_HEADER] = self._head
+        st[K.H_SERIES] = n_series
+        st[K.H_CFG], st[K.H_BOUNDS], st[K.H_LV], st[K.H_SER] = off["cfg"], off["bounds"], off["lv"], off["ser"]
+        st[off["cfg"]:off["bounds"]] = self._cfg.ravel()
+        st[off["bounds"]:off["lv"]] = self._bounds
+        self._st = st
+        self._lv = st[off["lv"]:off["ser"]].reshape(n_series, n, K.N_LEVEL_FIELDS)  # views of st
+        self._ser = st[off["ser"]:].reshape(n_series, K.N_SERIES_FIELDS)
+        self._ser[:, K.S_LAST] = -1
+        self._ser[:, K.S_FLOOR] = self._floor
+        if lv is not None:
+            self._lv[: len(lv)] = lv
+            self._ser[: len(ser)] = ser
+
     @property
     def n_series(self) -> int:
         return int(self._lv.shape[0])
 
     def _grow(self, n_series: int) -> None:
-        old = self.n_series
-        if n_series <= old:
-            return
-        lv = np.zeros((n_series, len(self.timeframes), K.N_LEVEL_FIELDS), np.int64)
-        lv[:old] = self._lv
-        ser = np.zeros((n_series, K.N_SERIES_FIELDS), np.int64)
-        ser[:old] = self._ser
-        ser[old:, K.S_LAST] = -1
-        ser[old:, K.S_FLOOR] = self._floor
-        self._lv, self._ser = lv, ser
+        if n_series > self.n_series:
+            self._arena(n_series, self._lv, self._ser)
 
     def _name(self, series: int) -> str:
         names = getattr(self.series_names, "names", self.series_names)
@@ -160,12 +171,12 @@ class Aggregator:
             return BarBatch(_NO_BARS)
         try:
             done, nout, status, info = K.aggregate(
-                *cols, 0, self._lv, self._ser, self._cfg, self._par, self._bounds, self._out
+                *cols, 0, self._st, self._out
             )
         except TypeError:  # another dtype or a non-contiguous or read-only view: convert once
             cols = tuple(np.require(c, dt, "CW") for c, dt in zip(cols, _COLUMN_DTYPES, strict=True))
             done, nout, status, info = K.aggregate(
-                *cols, 0, self._lv, self._ser, self._cfg, self._par, self._bounds, self._out
+                *cols, 0, self._st, self._out
             )
         if status == K.OK:  # the usual case: one call
             return BarBatch(self._take(nout) if nout else _NO_BARS)
@@ -182,7 +193,7 @@ class Aggregator:
             elif status == K.FAIL:
                 raise self._violation(cols, done, info, parts)
             done, nout, status, info = K.aggregate(
-                *cols, done, self._lv, self._ser, self._cfg, self._par, self._bounds, self._out
+                *cols, done, self._st, self._out
             )
         return BarBatch(_join(parts))
 
@@ -217,7 +228,7 @@ class Aggregator:
         parts = []
         s = 0
         while s < self.n_series:
-            s, nout = K.flush(until, close_all, s, self._lv, self._ser, self._cfg, self._par, self._bounds, self._out)
+            s, nout = K.flush(until, close_all, s, self._st, self._out)
             if nout:
                 parts.append(self._take(nout))
         return BarBatch(_join(parts))
@@ -246,7 +257,7 @@ class Aggregator:
         return {
             "layout": np.array(
                 [STATE_LAYOUT_VERSION, K.N_LEVEL_FIELDS, K.N_SERIES_FIELDS, INPUT_INTERVAL_NS[self.input_kind],
-                 int(self._par[K.P_STRICT])],
+                 int(self._head[K.H_STRICT])],
                 np.int64,
             ),
             "timeframes": np.array([t.seconds for t in self.timeframes], np.int64),
@@ -295,5 +306,5 @@ class Aggregator:
         ser = np.array(state["series"], np.int64)
         if levels.shape[1:] != self._lv.shape[1:] or ser.shape[1:] != self._ser.shape[1:] or len(levels) != len(ser):
             raise ValueError(f"saved engine state has shapes {levels.shape}, {ser.shape}")
-        self._lv, self._ser = np.ascontiguousarray(levels), np.ascontiguousarray(ser)
         self._floor = int(state["floor"])
+        self._arena(len(levels), levels, ser)
