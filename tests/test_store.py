@@ -32,6 +32,7 @@ from streambars.store import (
 )
 from streambars.store.layout import HWM, INDEX, LIBVER
 from streambars.store.recovery import clear_open_flags, lookup3, read_superblock
+from streambars.store.writer import as_bars
 from streambars.timeframes import STANDARD_TIMEFRAMES, Session, parse_timeframes
 
 from .store_worker import SEC, T0, expected
@@ -172,6 +173,48 @@ def test_writer_set_routes_tagged_bars_by_series_and_timeframe(tmp_path):
         for s, name in enumerate(names):
             for tf in TFS:
                 np.testing.assert_array_equal(r.read(name, tf.name), stepped(tf.seconds, 0, 50 + 10 * s))
+
+
+def test_bars_are_taken_by_field_name_whatever_the_wider_layout(tmp_path):
+    rows = stepped(1, 0, 40)
+    tagged = np.zeros(rows.shape[0], TAGGED_BAR_DTYPE)  # bar fields at a fixed byte offset
+    reordered = np.zeros(rows.shape[0], [("count", "<u4"), ("x", "<f8")] + [
+        (n, BAR_DTYPE[n]) for n in reversed(BAR_DTYPE.names) if n != "count"])
+    for arr in (tagged, reordered):
+        for n in BAR_DTYPE.names:
+            arr[n] = rows[n]
+    assert as_bars(tagged, "t").dtype == as_bars(reordered, "r").dtype == BAR_DTYPE
+    np.testing.assert_array_equal(as_bars(tagged, "t"), rows)
+    np.testing.assert_array_equal(as_bars(tagged[::3], "t"), rows[::3])  # not contiguous
+    np.testing.assert_array_equal(as_bars(reordered, "r"), rows)
+    with pytest.raises(StoreError, match="lack the fields"):
+        as_bars(np.zeros(2, [("ts_event", "<i8")]), "x")
+
+
+def test_writer_set_groups_one_pair_many_pairs_and_many_series(tmp_path):
+    names = [f"S{i}" for i in range(5000)]  # 5000 * 3 keys: more than 16 bits
+    tfs = list(TFS)
+
+    def tagged(s: int, t: int, start: int, stop: int) -> np.ndarray:
+        rows = stepped(tfs[t].seconds, start, stop)
+        out = np.zeros(rows.shape[0], TAGGED_BAR_DTYPE)
+        for f in BAR_DTYPE.names:
+            out[f] = rows[f]
+        out["series"], out["timeframe"] = s, t
+        return out
+
+    with StoreWriterSet(tmp_path, "GLBX.MDP3", "continuous", TFS, CME, chunk_rows=64) as ws:
+        assert ws.write(BarBatch(tagged(4999, 0, 0, 300)), names) == 300  # one (series, tf) pair
+        big = np.concatenate([tagged(4999, 0, 300, 900), tagged(7, 2, 0, 5), tagged(7, 1, 0, 40)])
+        assert ws.write(BarBatch(big[np.argsort(big["ts_event"], kind="stable")]), names) == big.size
+        small = np.concatenate([tagged(7, 1, 40, 45), tagged(4999, 0, 900, 903)])  # reuses buffers
+        assert ws.write(BarBatch(small), names) == small.size
+        assert ws.symbols == ["S4999", "S7"]
+    with open_store(tmp_path) as r:
+        np.testing.assert_array_equal(r.read("S4999", "1s"), stepped(1, 0, 903))
+        np.testing.assert_array_equal(r.read("S7", "1min"), stepped(60, 0, 45))
+        np.testing.assert_array_equal(r.read("S7", "1h"), stepped(3600, 0, 5))
+        assert r.read("S7", "1s").size == 0
 
 
 def _gappy_store(root: Path, n: int = 20_000) -> np.ndarray:
