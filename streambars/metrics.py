@@ -37,8 +37,15 @@ class _SnapshotCollector(Collector):
         self.queue_depths: Callable[[], Mapping[str, int]] | None = None
         self.validation_counts: Callable[[], Iterable[tuple[str, str, int]]] | None = None
         self.last_bars: Callable[[], Iterable[tuple[str, str, int]]] | None = None
+        self.aggregated: Callable[[], int] | None = None
 
     def collect(self) -> Iterable[Any]:
+        if self.aggregated is not None:
+            yield CounterMetricFamily(
+                "streambars_records_aggregated",
+                "Records the engine stage has aggregated (end of the pipeline's first hop)",
+                value=_safe(self.aggregated, 0),
+            )
         if self.queue_depths is not None:
             g = GaugeMetricFamily(
                 "streambars_queue_depth", "Items waiting in each pipeline queue", labels=["queue"]

@@ -71,33 +71,39 @@ class Watermarks:
         top = int(series.max()) + 1
         self._grow(top)
         keep: np.ndarray | None = None
-        uniq = np.unique(series) if top > 1 else np.zeros(1, np.int32)
-        single = len(uniq) == 1
-        for s in uniq:
-            s = int(s)
-            rows = None if single else np.flatnonzero(series == s)
-            ts_s = ts if rows is None else ts[rows]
-            h, n = int(self.last_ts[s]), int(self.n_at_last[s])
-            if self.armed[s]:
-                dup = self._replayed(ts_s, h, int(self.to_skip[s]))
-                if dup is not None:
-                    self.to_skip[s] -= int((ts_s[dup] == h).sum())
-                    if keep is None:
-                        keep = np.ones(len(ts), dtype=bool)
-                    if rows is None:
-                        keep[dup] = False
-                    else:
-                        keep[rows[dup]] = False
-                    self.dropped += int(dup.sum())
-                    ts_s = ts_s[~dup]
-                if len(ts_s) and ts_s.max() > h:
-                    self.armed[s] = False
-            if len(ts_s):
-                m = int(ts_s.max())
-                if m > h:
-                    self.last_ts[s], self.n_at_last[s] = m, int((ts_s == m).sum())
-                elif m == h:
-                    self.n_at_last[s] = n + int((ts_s == m).sum())
+        if self.armed[:top].any():
+            keep = self._drop_replayed(series, ts, top)
+            if keep is not None:
+                series, ts = series[keep], ts[keep]
+                if len(ts) == 0:
+                    return keep
+        # The marks, vectorised (this runs for every live batch).
+        newmax = np.full(top, -1, np.int64)
+        np.maximum.at(newmax, series, ts)
+        at_max = np.bincount(series, weights=ts == newmax[series], minlength=top).astype(np.int64)
+        old = self.last_ts[:top]
+        up = newmax > old
+        same = (newmax == old) & (newmax >= 0)
+        self.armed[:top] &= ~up
+        self.last_ts[:top] = np.where(up, newmax, old)
+        self.n_at_last[:top] = np.where(up, at_max, self.n_at_last[:top] + np.where(same, at_max, 0))
+        return keep
+
+    def _drop_replayed(self, series: np.ndarray, ts: np.ndarray, top: int) -> np.ndarray | None:
+        """The keep-mask after dropping replays of what armed series already hold."""
+        keep: np.ndarray | None = None
+        for s in np.flatnonzero(self.armed[:top] & (np.bincount(series, minlength=top) > 0)):
+            rows = np.flatnonzero(series == s)
+            ts_s = ts[rows]
+            h = int(self.last_ts[s])
+            dup = self._replayed(ts_s, h, int(self.to_skip[s]))
+            if dup is None:
+                continue
+            self.to_skip[s] -= int((ts_s[dup] == h).sum())
+            if keep is None:
+                keep = np.ones(len(ts), dtype=bool)
+            keep[rows[dup]] = False
+            self.dropped += int(dup.sum())
         return keep
 
     @staticmethod

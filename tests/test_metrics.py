@@ -42,9 +42,11 @@ def test_endpoint_over_http(metrics):
     metrics.snapshots.queue_depths = lambda: {"engine": 3, "writer": 0}
     metrics.snapshots.validation_counts = lambda: [("ES.c.0", "ohlc_relation", 2)]
     metrics.snapshots.last_bars = lambda: [("ES.c.0", "1min", 1_700_000_040 * 10**9)]
+    metrics.snapshots.aggregated = lambda: 149
 
     got = _scrape(f"http://{host}:{port}/metrics")
     assert got[("streambars_records_total", ())] == 150
+    assert got[("streambars_records_aggregated_total", ())] == 149
     assert got[("streambars_lag_seconds", ())] == pytest.approx(2.5)
     assert got[("streambars_last_record_timestamp_seconds", ())] == 1_700_000_000
     assert got[("streambars_bars_written_total", (("timeframe", "1s"),))] == 3
