@@ -42,12 +42,16 @@ def test_notify_protocol_and_sigterm_flushes_and_exits_0(tmp_path, notify):
     fake = make_gateway(records, rate=3000.0, heartbeat_interval=0.2)
     try:
         store = tmp_path / "store"
-        cfg = write_config(tmp_path / "c.toml", fake.gateway, store)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            mport = s.getsockname()[1]
+        cfg = write_config(tmp_path / "c.toml", fake.gateway, store, metrics_port=mport)
         d = Daemon(tmp_path, cfg, notify=notify, watchdog_usec=1_000_000)
         wait_for(lambda: notify.lines("READY=1"), 30, "READY=1", daemon=d)
         wait_for(lambda: notify.lines("WATCHDOG=1"), 10, "WATCHDOG=1", daemon=d)
         wait_for(lambda: row_counts(store, "ES.c.0").get("1min", 0) > 5, 20, "bars in the store", daemon=d)
         wait_for(lambda: [s for s in notify.lines("STATUS=") if "rec/s" in s], 15, "STATUS=", daemon=d)
+        metrics = _scrape(f"http://127.0.0.1:{mport}/metrics")
         t0 = time.monotonic()
         d.signal(signal.SIGTERM)
         rc = d.wait(20)
@@ -71,6 +75,25 @@ def test_notify_protocol_and_sigterm_flushes_and_exits_0(tmp_path, notify):
         assert not contents.truncated_tail
     assert TEST_KEY not in d.log_text()
     assert d.has_event("stopped")
+    assert metrics["streambars_records_total"] > 0
+    assert metrics["streambars_records_aggregated_total"] > 0
+    assert metrics['streambars_bars_written_total{timeframe="1min"}'] > 0
+    assert metrics['streambars_last_bar_timestamp_seconds{symbol="ES.c.0",timeframe="1s"}'] > 1.7e9
+    assert metrics["streambars_connected"] == 1
+    assert 'streambars_queue_depth{queue="writer"}' in metrics
+
+
+def _scrape(url: str) -> dict[str, float]:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        text = resp.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
 
 
 def test_wrong_key_exits_nonzero_at_once(tmp_path):
