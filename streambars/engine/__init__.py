@@ -26,6 +26,8 @@ _NO_BARS = np.empty(0, TAGGED_BAR_DTYPE)
 _NO_BARS.setflags(write=False)
 
 
+_aggregate, _OK, _ROW = K.aggregate, K.OK, TAGGED_BAR_DTYPE.itemsize
+_NO_RECORDS = tuple(np.empty(0, dt) for dt in (np.int32, np.int64, np.int64, np.int64, np.int64, np.int64, np.uint64))
 _COLUMN_DTYPES = (np.int32, np.int64, np.int64, np.int64, np.int64, np.int64, np.uint64)
 
 
@@ -166,20 +168,19 @@ class Aggregator:
         """
         if batch.kind != self.input_kind:
             raise ValueError(f"a {batch.kind} batch given to an aggregator of {self.input_kind} records")
-        cols = (batch.series, batch.ts_event, batch.open, batch.high, batch.low, batch.close, batch.volume)
-        if cols[1].shape[0] == 0:
-            return BarBatch(_NO_BARS)
-        try:
-            done, nout, status, info = K.aggregate(
-                *cols, 0, self._st, self._out
+        b = batch
+        try:  # the fast path, kept lean: live feeding calls this once per record
+            done, nout, status, info = _aggregate(
+                b.series, b.ts_event, b.open, b.high, b.low, b.close, b.volume, 0, self._st, self._out
             )
-        except TypeError:  # another dtype or a non-contiguous or read-only view: convert once
+        except TypeError:  # another dtype, or a non-contiguous or read-only view: convert once
+            cols = (b.series, b.ts_event, b.open, b.high, b.low, b.close, b.volume)
             cols = tuple(np.require(c, dt, "CW") for c, dt in zip(cols, _COLUMN_DTYPES, strict=True))
-            done, nout, status, info = K.aggregate(
-                *cols, 0, self._st, self._out
-            )
-        if status == K.OK:  # the usual case: one call
-            return BarBatch(self._take(nout) if nout else _NO_BARS)
+            done, nout, status, info = _aggregate(*cols, 0, self._st, self._out)
+        else:
+            if status == _OK:
+                return BarBatch(self._take(nout) if nout else _NO_BARS)
+            cols = (b.series, b.ts_event, b.open, b.high, b.low, b.close, b.volume)
         parts = []
         while True:
             if nout:
@@ -192,15 +193,13 @@ class Aggregator:
                 raise ValueError(f"record {done} of the batch has a negative series index {info}")
             elif status == K.FAIL:
                 raise self._violation(cols, done, info, parts)
-            done, nout, status, info = K.aggregate(
-                *cols, done, self._st, self._out
-            )
+            done, nout, status, info = _aggregate(*cols, done, self._st, self._out)
         return BarBatch(_join(parts))
 
     def _take(self, nout: int) -> np.ndarray:
         """A fresh copy of the first ``nout`` output rows (a byte copy: copying a packed
         structured array field by field is an order of magnitude slower)."""
-        return np.frombuffer(bytearray(self._out_bytes[: nout * TAGGED_BAR_DTYPE.itemsize]), TAGGED_BAR_DTYPE)
+        return np.frombuffer(bytearray(self._out_bytes[: nout * _ROW]), TAGGED_BAR_DTYPE)
 
     def _violation(self, cols, index: int, bit: int, parts: list[np.ndarray]) -> RuleViolationError:
         series, ts = int(cols[0][index]), int(cols[1][index])
@@ -226,11 +225,16 @@ class Aggregator:
 
     def _flush(self, until: int, close_all: bool) -> BarBatch:
         parts = []
-        s = 0
-        while s < self.n_series:
-            s, nout = K.flush(until, close_all, s, self._st, self._out)
-            if nout:
-                parts.append(self._take(nout))
+        s, st = 0, self._st
+        st[K.H_UNTIL] = until
+        st[K.H_MODE] = K.MODE_FINISH if close_all else K.MODE_FLUSH
+        try:
+            while s < self.n_series:
+                s, nout, _, _ = _aggregate(*_NO_RECORDS, s, st, self._out)
+                if nout:
+                    parts.append(self._take(nout))
+        finally:
+            st[K.H_MODE] = K.MODE_RECORDS
         return BarBatch(_join(parts))
 
     # -- counters --------------------------------------------------------------------------

@@ -40,7 +40,8 @@ from ..rules import N_RECORD_RULES, record_violations
 
 # header st[_U(H_*)]
 (H_LEVELS, H_SERIES, H_CFG, H_BOUNDS, H_NBOUNDS, H_LV, H_SER, H_STRICT, H_INTERVAL, H_MAX_VOLUME,
- H_LAST_ROOT, H_DROP_MASK, H_FAIL_MASK) = range(13)
+ H_LAST_ROOT, H_DROP_MASK, H_FAIL_MASK, H_MODE, H_UNTIL) = range(15)
+MODE_RECORDS, MODE_FLUSH, MODE_FINISH = 0, 1, 2  # st[H_MODE]: what aggregate() does
 N_HEADER = 16
 
 # cfg rows
@@ -214,6 +215,38 @@ def _reset_marks(st):
         st[_U(st[_U(H_CFG)] + k * N_CFG_FIELDS + C_MARK)] = -1
 
 
+@numba.njit(cache=True, inline="always", _nrt=False)
+def _flush(until, close_all, first_series, st, out):
+    """Close the bars of series ``first_series..`` whose end is <= ``until`` (all if close_all).
+
+    Raises each series' late floor to ``until`` (close_all: to the end of the latest bar it
+    closed, so a record that belongs to a closed bar is late, never a second bar). Returns
+    ``(next_series, n_out)``; next_series < number of series means the buffer filled up.
+    """
+    n_levels = st[_U(H_LEVELS)]
+    n_series = st[_U(H_SERIES)]
+    cap = out.shape[0]
+    _reset_marks(st)
+    nout = 0
+    t = np.iinfo(np.int64).max if close_all else until
+    for s in range(first_series, n_series):
+        if nout + n_levels > cap:
+            return s, nout
+        base = st[_U(H_LV)] + s * n_levels * N_LEVEL_FIELDS
+        floor = until
+        if close_all:
+            floor = -1
+            for k in range(n_levels):
+                b = base + k * N_LEVEL_FIELDS
+                if st[_U(b + L_ACTIVE)] != 0 and st[_U(b + L_END)] > floor:
+                    floor = st[_U(b + L_END)]
+        nout = _advance(st, s, t, -2 - s, True, out, nout)
+        sb = st[_U(H_SER)] + s * N_SERIES_FIELDS
+        if floor > st[_U(sb + S_FLOOR)]:
+            st[_U(sb + S_FLOOR)] = floor
+    return n_series, np.int64(nout)
+
+
 # Explicit signatures: compiled (or loaded from the cache) once at import, and a batch of any
 # other dtype or layout is refused with TypeError (the wrapper converts it) instead of silently
 # compiling a new specialisation. No NRT: the kernels allocate nothing, and without reference
@@ -223,7 +256,6 @@ _I8 = types.Array(types.int64, 1, "C")
 _U8 = types.Array(types.uint64, 1, "C")
 _OUT = numba.typeof(np.empty(1, TAGGED_BAR_DTYPE))
 AGGREGATE_SIG = types.UniTuple(types.int64, 4)(_I4, _I8, _I8, _I8, _I8, _I8, _U8, types.int64, _I8, _OUT)
-FLUSH_SIG = types.UniTuple(types.int64, 2)(types.int64, types.boolean, types.int64, _I8, _OUT)
 
 
 @numba.njit(AGGREGATE_SIG, cache=True, _nrt=False)
@@ -235,7 +267,14 @@ def aggregate(series, ts, op, hi, lo, cl, vol, start, st, out):
     arena has no room for; ``info`` is the largest series index in the rest of the batch),
     BAD_SERIES (negative series index) or FAIL (record next_record broke rule bit ``info``
     whose policy is fail; it is counted but not applied).
+
+    With ``st[H_MODE]`` set to MODE_FLUSH or MODE_FINISH it flushes instead (see
+    :func:`_flush`; ``start`` is then the first series): one compiled function, so a new
+    process loads one kernel from the cache, not two.
     """
+    if st[_U(H_MODE)] != MODE_RECORDS:
+        s, nout = _flush(st[_U(H_UNTIL)], st[_U(H_MODE)] == MODE_FINISH, start, st, out)
+        return s, nout, OK, 0
     n = ts.shape[0]
     n_levels = st[_U(H_LEVELS)]
     n_series = st[_U(H_SERIES)]
@@ -312,35 +351,3 @@ def aggregate(series, ts, op, hi, lo, cl, vol, start, st, out):
                 st[_U(b + L_COUNT)] += 1
         st[_U(sb + S_LAST)] = t
     return n, nout, OK, 0
-
-
-@numba.njit(FLUSH_SIG, cache=True, _nrt=False)
-def flush(until, close_all, first_series, st, out):
-    """Close the bars of series ``first_series..`` whose end is <= ``until`` (all if close_all).
-
-    Raises each series' late floor to ``until`` (close_all: to the end of the latest bar it
-    closed, so a record that belongs to a closed bar is late, never a second bar). Returns
-    ``(next_series, n_out)``; next_series < number of series means the buffer filled up.
-    """
-    n_levels = st[_U(H_LEVELS)]
-    n_series = st[_U(H_SERIES)]
-    cap = out.shape[0]
-    _reset_marks(st)
-    nout = 0
-    t = np.iinfo(np.int64).max if close_all else until
-    for s in range(first_series, n_series):
-        if nout + n_levels > cap:
-            return s, nout
-        base = st[_U(H_LV)] + s * n_levels * N_LEVEL_FIELDS
-        floor = until
-        if close_all:
-            floor = -1
-            for k in range(n_levels):
-                b = base + k * N_LEVEL_FIELDS
-                if st[_U(b + L_ACTIVE)] != 0 and st[_U(b + L_END)] > floor:
-                    floor = st[_U(b + L_END)]
-        nout = _advance(st, s, t, -2 - s, True, out, nout)
-        sb = st[_U(H_SER)] + s * N_SERIES_FIELDS
-        if floor > st[_U(sb + S_FLOOR)]:
-            st[_U(sb + S_FLOOR)] = floor
-    return n_series, nout
