@@ -23,7 +23,9 @@ checkpoint, the stream closed, the pipeline drained, every file closed.
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -78,7 +80,9 @@ class Epoch:
         self.d = daemon
         self.settings = s = daemon.settings
         db, lv = s.databento, s.live
-        self.registry = SeriesRegistry(list(db.symbols))
+        # Series are stored symbols: for a parent subscription, the instruments the stream
+        # maps (registered as they come), never the parent itself.
+        self.registry = SeriesRegistry([] if db.stype_in == "parent" else list(db.symbols))
         self.closer = WallClockCloser(lv.close_grace_s)
         self.marks = Watermarks()  # what reached the engine
         self.amarks = Watermarks()  # what reached the raw archive
@@ -101,6 +105,9 @@ class Epoch:
         from .backfill import _make_engine, _make_writers
 
         s, db = self.settings, self.settings.databento
+        if db.stype_in == "parent":
+            for name in _daemon_written_symbols(s.store.path, db.dataset):
+                self.registry.index(name)
         writers = _make_writers(s, db.dataset, db.stype_in)
         try:
             for name in self.registry.names:
@@ -484,6 +491,39 @@ class Epoch:
         for i, j in zip(*np.nonzero(lb >= 0), strict=True):
             out.append((self.registry.names[int(i)], self.tf_names[int(j)], int(lb[i, j])))
         return out
+
+
+def _daemon_written_symbols(root: Any, dataset: str) -> list[str]:
+    """Stored symbols a daemon wrote: a live archive, or a file with a live note.
+
+    A ``parent`` subscription learns its instruments from the stream; registering the ones
+    a daemon wrote before lets their engine state and marks (or, if killed before their
+    first checkpoint, their archive) be found again at start."""
+    import h5py
+
+    from .naming import filename_to_symbol
+    from .store.layout import read_blob
+
+    out = []
+    raw = Path(root) / dataset / "raw"
+    if raw.is_dir():
+        for d in sorted(raw.iterdir()):
+            if any(d.glob("*" + archive_mod.LIVE_SUFFIX)):
+                try:
+                    out.append(filename_to_symbol(d.name))
+                except ValueError:
+                    continue
+    for path in sorted((Path(root) / dataset).glob("*.h5")):
+        try:
+            name = filename_to_symbol(path.stem)
+            with h5py.File(path, "r", swmr=True, locking=False) as f:
+                _, blob = read_blob(f["meta"]["progress"])
+            if blob and LIVE_NOTE in json.loads(blob) and name not in out:
+                out.append(name)
+        except (OSError, KeyError, ValueError) as e:
+            log.warning("skipping a store file while listing parent instruments", path=str(path),
+                        error=str(e))
+    return out
 
 
 async def _close_session(session: LiveSession) -> None:

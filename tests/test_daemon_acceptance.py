@@ -35,6 +35,7 @@ from tests.daemon_support import (
     wait_for,
     write_config,
 )
+from tests.fakes import TEST_KEY
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="needs unix sockets")]
@@ -119,3 +120,48 @@ def test_kill9_drop_and_error_leave_the_store_identical_to_one_run(tmp_path):
     assert sum(1 for e in events if e.get("event") == "stopped") == 1  # the others were killed
     assert len(sessions) >= 2 + KILLS
     assert sum(1 for s in sessions if any(sub.get("start") for sub in s.subscriptions)) >= 1 + KILLS
+
+
+def test_parent_subscription_resumes_each_instrument_after_kill9(tmp_path):
+    """stype_in=parent: instruments come from the stream; after kill -9 each one's state and
+    marks are found again in its file, so the store still equals one uninterrupted run."""
+    from tests.fakes import make_ohlcv
+    from tests.fakes.live import FakeLive
+
+    from .daemon_support import START_NS
+
+    records = {"ESH4": make_ohlcv(11, START_NS, 3000, seed=5),
+               "ESM4": make_ohlcv(12, START_NS, 3000, seed=6, price=4750.0)}
+    fake = FakeLive(TEST_KEY, rate=1000.0, heartbeat_interval=0.2)
+    fake.add_instrument(11, "ESH4", parent="ES.FUT")
+    fake.add_instrument(12, "ESM4", parent="ES.FUT")
+    fake.add_records("ohlcv-1s", np.concatenate(list(records.values())))
+    fake.start()
+    store = tmp_path / "store"
+    cfg = write_config(tmp_path / "c.toml", fake.gateway, store, symbols=["ES.FUT"])
+    cfg.write_text(cfg.read_text().replace('stype_in = "continuous"', 'stype_in = "parent"'))
+    settings = load_settings(cfg)
+    ref = reference_bars(settings, records, ["ESH4", "ESM4"])
+    try:
+        d = Daemon(tmp_path, cfg)
+        wait_for(lambda: row_counts(store, "ESM4").get("1s", 0) > 500, 60, "bars before the kill", daemon=d)
+        time.sleep(0.3)  # past a checkpoint
+        d.kill()
+        d = Daemon(tmp_path, cfg)
+        want = {s: {tf: len(rows) for tf, rows in ref[s].items()} for s in ref}
+        wait_for(lambda: all(row_counts(store, s) == want[s] for s in want), 60, "every bar", every=0.2,
+                 daemon=d)
+        resumed = next(e for e in d.events() if e.get("event") == "resuming")
+        d.signal(signal.SIGTERM)
+        assert d.wait(20) == 0
+    finally:
+        d.signal(signal.SIGKILL)
+        fake.stop()
+    assert set(resumed["symbols"]) == {"ESH4", "ESM4"}
+    assert not (store / "GLBX.MDP3" / "ES.FUT.h5").exists()  # no file for the parent itself
+    assert resumed["archive_marks"]["ESM4"] != "-"  # found again even if never checkpointed
+    for sym in ref:
+        got = read_bars(store, sym, swmr=False)
+        for tf, rows in ref[sym].items():
+            np.testing.assert_array_equal(got[tf], rows, err_msg=f"{sym} {tf}")
+        assert engine_counts(store, settings, sym)["ts_not_increasing"] == 0
