@@ -83,13 +83,13 @@ class Epoch:
         # Series are stored symbols: for a parent subscription, the instruments the stream
         # maps (registered as they come), never the parent itself.
         self.registry = SeriesRegistry([] if db.stype_in == "parent" else list(db.symbols))
-        self.closer = WallClockCloser(lv.close_grace_s)
+        self.interval_ns = INPUT_INTERVAL_NS[db.schema]
+        self.closer = WallClockCloser(lv.close_grace_s, interval_ns=self.interval_ns)
         self.marks = Watermarks()  # what reached the engine
         self.amarks = Watermarks()  # what reached the raw archive
         self.notes: dict[str, dict[str, Any]] = {}
         self.start_hints: dict[int, int] = {}  # series without a saved mark: replay from here
         self.flushed_until = 0
-        self.interval_ns = INPUT_INTERVAL_NS[db.schema]
         self.tf_names = tuple(t.name for t in s.bars.timeframes)
         self.last_bar = np.full((len(self.registry), len(self.tf_names)), -1, np.int64)
         self.symbol_errors: set[str] = set()
@@ -374,7 +374,11 @@ class Epoch:
     async def _control(self, ev: LiveEvent) -> str | None:
         """Act on a control event; a string means: end this connection for that reason."""
         if isinstance(ev, EndOfInterval):
-            await self._flush(int(ev.ts_event))
+            # "All records for the given timestamp have been published": whether that stamp
+            # is the interval's open or its end, nothing stamped before it can still come.
+            # (Aligned down, in case a gateway stamps it with its own clock.)
+            ts = int(ev.ts_event)
+            await self._flush(ts - ts % self.interval_ns if self.interval_ns else ts)
         elif isinstance(ev, Heartbeat) or (
             isinstance(ev, SystemMessage) and ev.code == "replay_completed"
         ):

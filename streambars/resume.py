@@ -154,16 +154,24 @@ class Backoff:
 
 
 class WallClockCloser:
-    """Decides when bars may close on the wall clock (``now - grace``) alone.
+    """Decides when bars may close on the wall clock alone.
+
+    ``until()`` is ``now - grace - input interval``: a record stamped ``ts_event`` (the open of
+    its interval, for OHLCV inputs) is published only after its interval ends, so the flush
+    that makes earlier records late must stay an interval behind (for ohlcv-1m input,
+    ``now - grace`` alone would drop the 1-minute record still on its way). A bar therefore
+    closes at ``end + interval + grace`` if nothing closed it before.
 
     Allowed only while connected, once the subscription has shown it is real-time
     (REPLAY_COMPLETED, a heartbeat, or a record no older than the grace), and when no record
-    older than the grace has arrived within ``hold_s``. ``until()`` returns the ns timestamp to flush to, or None.
+    older than the grace has arrived within ``hold_s``. ``until()`` returns the ns timestamp
+    to flush to, or None.
     """
 
-    def __init__(self, grace_s: float, hold_s: float | None = None,
+    def __init__(self, grace_s: float, hold_s: float | None = None, interval_ns: int = 0,
                  clock: Any = time.time, mono: Any = time.monotonic):
         self.grace_ns = int(grace_s * NS)
+        self.interval_ns = int(interval_ns)
         self.hold_s = hold_s if hold_s is not None else max(2 * grace_s, 2.0)
         self.clock, self.mono = clock, mono
         self.connected = False
@@ -197,7 +205,7 @@ class WallClockCloser:
             return None
         if self.mono() - self.last_stale < self.hold_s:
             return None
-        u = int(self.clock() * NS) - self.grace_ns
+        u = int(self.clock() * NS) - self.grace_ns - self.interval_ns
         if u <= self.flushed_until:
             return None
         self.flushed_until = u

@@ -20,6 +20,7 @@ from tests.daemon_support import (
     NotifySocket,
     es_nq_records,
     make_gateway,
+    read_bars,
     row_counts,
     store_file,
     wait_for,
@@ -158,7 +159,7 @@ def test_unwritable_store_refused_at_start(tmp_path):
 
 def test_sighup_reopens_the_log_file_and_reloads_the_symbol_list(tmp_path):
     from streambars.config import load_settings
-    from tests.daemon_support import read_bars, reference_bars
+    from tests.daemon_support import reference_bars
 
     records = es_nq_records(3000)
     fake = make_gateway(records, rate=800.0, heartbeat_interval=0.2)
@@ -189,3 +190,38 @@ def test_sighup_reopens_the_log_file_and_reloads_the_symbol_list(tmp_path):
     got = read_bars(store, "ES.c.0", swmr=False)
     for tf, rows in ref.items():
         np.testing.assert_array_equal(got[tf], rows, err_msg=tf)
+
+
+def test_quiet_market_bars_close_on_the_wall_clock(tmp_path):
+    """No later record and no END_OF_INTERVAL: the last bars close once the wall clock is past
+    their end by the input interval plus the grace, and nothing before them is made late."""
+    from tests.fakes import NS as _NS
+    from tests.fakes import make_ohlcv
+    from tests.fakes.live import FakeLive
+
+    n = 6
+    t0 = (time.time_ns() // _NS + 6) * _NS  # records stamped in real time, one a second
+    recs = make_ohlcv(1, t0, n, seed=3, fill=1.0)
+
+    fake = FakeLive(TEST_KEY, rate=1.0, heartbeat_interval=0.3, end_of_interval=False)
+    fake.add_instrument(1, "ESH4")
+    fake.add_continuous("ES.c.0", [(0, 1)])
+    fake.add_records("ohlcv-1s", recs)
+    fake.start()
+    store = tmp_path / "store"
+    try:
+        cfg = write_config(tmp_path / "c.toml", fake.gateway, store, symbols=["ES.c.0"], close_grace_s=3.0,
+                           timeframes=["1s", "5s"])
+        d = Daemon(tmp_path, cfg)
+        last = int(recs["ts_event"][-1])
+        wait_for(lambda: row_counts(store, "ES.c.0").get("1s", 0) == n, 40, "the last 1s bar", daemon=d)
+        seen_at = time.time_ns()
+        d.signal(signal.SIGTERM)
+        assert d.wait(20) == 0
+    finally:
+        fake.stop()
+    got = read_bars(store, "ES.c.0", swmr=False)
+    np.testing.assert_array_equal(got["1s"]["ts_event"], recs["ts_event"])
+    # Closed by the clock: end + 1 s interval + 3 s grace, give or take the daemon's tick.
+    delay = (seen_at - (last + _NS)) / 1e9
+    assert 3.5 < delay < 20, delay

@@ -123,6 +123,16 @@ def test_even_without_replay_the_feed_must_prove_it_is_real_time():
     assert c.until() is not None
 
 
+def test_the_wall_clock_flush_stays_an_input_interval_behind():
+    clock = _Clock()
+    c = WallClockCloser(2.0, hold_s=5.0, interval_ns=60 * NS, clock=clock, mono=clock)
+    c.subscribed()
+    c.caught_up()
+    # An ohlcv-1m record stamped with its minute's open arrives after the minute: the flush
+    # must not have made it late.
+    assert c.until() == int((clock.t - 2.0 - 60) * NS)
+
+
 def test_a_fresh_record_ends_catching_up():
     clock = _Clock()
     c = WallClockCloser(2.0, hold_s=5.0, clock=clock, mono=clock)
