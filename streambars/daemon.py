@@ -396,6 +396,11 @@ def run_daemon(settings: Settings, env_file: str | os.PathLike[str] | None = ".e
     except AuthenticationError as e:
         return _fatal(daemon, "the Live gateway refused the API key; not retrying", e, EXIT_CONFIG,
                       settings)
+    except (ConfigError, StreambarsError) as e:
+        # The CLI prints the one-line message and picks the exit code; say it in the log too.
+        log.error("stopped by an error", error=scrub(str(e)), kind=type(e).__name__)
+        daemon.notifier.notify(STATUS=f"failed: {scrub(str(e))}")
+        raise
     finally:
         log_file.close()
 

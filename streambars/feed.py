@@ -24,6 +24,8 @@ checkpoint, the stream closed, the pipeline drained, every file closed.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -105,6 +107,7 @@ class Epoch:
         from .backfill import _make_engine, _make_writers
 
         s, db = self.settings, self.settings.databento
+        _remove_dead_gapfills(Path(s.store.path) / db.dataset)
         if db.stype_in == "parent":
             for name in _daemon_written_symbols(s.store.path, db.dataset):
                 self.registry.index(name)
@@ -495,6 +498,21 @@ class Epoch:
         for i, j in zip(*np.nonzero(lb >= 0), strict=True):
             out.append((self.registry.names[int(i)], self.tf_names[int(j)], int(lb[i, j])))
         return out
+
+
+def _remove_dead_gapfills(directory: Path) -> None:
+    """Remove ``.gapfill-<pid>-*`` download dirs of daemons that died mid-fill."""
+    for d in directory.glob(".gapfill-*"):
+        pid = d.name.split("-")[1] if d.name.count("-") >= 2 else ""
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # still running
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except PermissionError:
+            continue
 
 
 def _daemon_written_symbols(root: Any, dataset: str) -> list[str]:

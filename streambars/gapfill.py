@@ -12,6 +12,7 @@ replay de-duplication, the raw archive, the engine. The live subscription then r
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -47,7 +48,7 @@ async def fill_from_historical(epoch: Epoch, start: int, end: int) -> bool:
     from .sources import dbnfile
     from .sources.historical import HistoricalSource
 
-    tmp = Path(tempfile.mkdtemp(prefix=".gapfill-", dir=Path(s.store.path) / db.dataset))
+    tmp = Path(tempfile.mkdtemp(prefix=f".gapfill-{os.getpid()}-", dir=Path(s.store.path) / db.dataset))
     try:
         client = await anyio.to_thread.run_sync(
             lambda: HistoricalSource(epoch.d.key, gateway=db.historical_gateway or None)
