@@ -238,7 +238,9 @@ class BarFileWriter:
             if ts.size > 1 and not bool(np.all(ts[1:] > ts[:-1])):
                 bad = int(np.flatnonzero(ts[1:] <= ts[:-1])[0]) + 1
                 raise StoreError(f"{self.path} {name}: ts_event not increasing at row {bad} ({int(ts[bad])})")
-            new = rows[int(np.searchsorted(ts, self._hwm[name], side="right")):]
+            hwm = self._hwm[name]
+            # The usual case is all new; searchsorted would first copy the strided column.
+            new = rows if not ts.size or ts[0] > hwm else rows[int(np.searchsorted(ts, hwm, side="right")):]
             written[name] = int(new.shape[0])
             if new.shape[0]:
                 plan.append((name, new))
