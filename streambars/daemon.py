@@ -191,8 +191,8 @@ class Daemon:
         self.counters = Counters()
         self.reload_settings = reload_settings
         self.log_file = log_file
-        self.stop_event = anyio.Event()
-        self.reload_event = anyio.Event()
+        self.stop_event: anyio.Event  # made in main(): anyio primitives belong to the loop
+        self.reload_event: anyio.Event
         self.stop_signal: str | None = None
         self.ready_sent = False
         self.abandoned = False
@@ -285,6 +285,8 @@ class Daemon:
             except OSError as e:
                 raise ConfigError("live.metrics_port", lv.metrics_port,
                                   f"a free port on {lv.metrics_host} ({e.strerror})") from None
+        self.stop_event = anyio.Event()
+        self.reload_event = anyio.Event()
         self._abandon_scope = anyio.CancelScope()
         code = EXIT_OK
         try:

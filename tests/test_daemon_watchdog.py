@@ -1,8 +1,9 @@
 """WATCHDOG=1 comes from the data path: a stuck store writer stops the pings.
 
 The daemon runs in this process (so the writer can be made to hang) against the fake Live
-gateway, with a real notify socket. While the writer hangs, the feed keeps receiving but no
-ping goes out; once it moves again, the pings resume; SIGTERM then stops it cleanly.
+gateway, with a real notify socket. While the writer hangs (the process is otherwise alive:
+the event loop, the feed, the status timer all run) no ping goes out; once it moves again,
+the pings resume; SIGTERM then stops it cleanly.
 """
 
 from __future__ import annotations
@@ -49,9 +50,6 @@ def test_a_stuck_writer_stops_the_watchdog_pings(tmp_path, monkeypatch):
             t_stuck = time.monotonic()
             time.sleep(2.0)
             result["pings_while_stuck"] = [t for t in notify.times("WATCHDOG=1") if t > t_stuck + 0.5]
-            records_then = daemon.counters.records
-            time.sleep(0.5)
-            result["feed_moved_while_stuck"] = daemon.counters.records >= records_then
             release.set()
             t_release = time.monotonic()
             while time.monotonic() < t_release + 5:
@@ -77,6 +75,5 @@ def test_a_stuck_writer_stops_the_watchdog_pings(tmp_path, monkeypatch):
         notify.close()
     assert code == 0
     assert result["pings_while_stuck"] == []
-    assert result["feed_moved_while_stuck"]
     assert result.get("resumed")
     assert notify.lines("STOPPING=1")
