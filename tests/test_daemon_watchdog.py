@@ -40,6 +40,7 @@ def test_a_stuck_writer_stops_the_watchdog_pings(tmp_path, monkeypatch):
 
     monkeypatch.setattr(StoreWriterSet, "write", write)
     result: dict[str, object] = {}
+    finished = threading.Event()
 
     def drive() -> None:
         try:
@@ -59,7 +60,8 @@ def test_a_stuck_writer_stops_the_watchdog_pings(tmp_path, monkeypatch):
                 time.sleep(0.05)
         finally:
             release.set()
-            os.kill(os.getpid(), signal.SIGTERM)
+            if not finished.is_set():  # the daemon's handler is installed only while it runs
+                os.kill(os.getpid(), signal.SIGTERM)
 
     try:
         cfg = write_config(tmp_path / "c.toml", fake.gateway, tmp_path / "store")
@@ -68,7 +70,10 @@ def test_a_stuck_writer_stops_the_watchdog_pings(tmp_path, monkeypatch):
         daemon = Daemon(settings, TEST_KEY, notifier=notifier)
         assert daemon.gate.interval == 0.2
         threading.Thread(target=drive, daemon=True).start()
-        code = anyio.run(daemon.main, backend="asyncio")
+        try:
+            code = anyio.run(daemon.main, backend="asyncio")
+        finally:
+            finished.set()
     finally:
         release.set()
         fake.stop()
