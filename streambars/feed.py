@@ -65,6 +65,7 @@ if TYPE_CHECKING:
 log = get_logger("streambars.feed")
 
 TICK_S = 0.25
+ARCHIVE_THREAD_RECORDS = 512  # archive batches at least this big on a worker thread
 MERGE_MAX_RECORDS = 65_536  # at most this many records merged while the pipeline is busy
 LIVE_NOTE = "live"
 
@@ -354,9 +355,9 @@ class Epoch:
         # The raw archive first: what is not yet in it (after a kill -9 it may hold more
         # than the engine state saw), before anything aggregates it.
         if akeep is None:
-            self._archive(ev.records, b.series)
+            await self._archive(ev.records, b.series)
         elif akeep.any():
-            self._archive(ev.records[akeep], b.series[akeep])
+            await self._archive(ev.records[akeep], b.series[akeep])
         if keep is not None:
             if not keep.any():
                 return
@@ -370,8 +371,12 @@ class Epoch:
         self.d.metrics.observe_records(len(b), last_end, now)
         await self._send.send(b)
 
-    def _archive(self, records: np.ndarray, series: np.ndarray) -> None:
-        if len(records):
+    async def _archive(self, records: np.ndarray, series: np.ndarray) -> None:
+        n = len(records)
+        if n >= ARCHIVE_THREAD_RECORDS:
+            # zstd releases the GIL: a big batch compresses while the loop keeps reading.
+            await anyio.to_thread.run_sync(self.archive.append_batch, records, series, self.registry.names)
+        elif n:
             self.archive.append_batch(records, series, self.registry.names)
 
     async def _control(self, ev: LiveEvent) -> str | None:
