@@ -1,0 +1,227 @@
+"""Benchmark: the streambars engine against pandas, polars and a memory-bandwidth floor.
+
+    python bench/aggregate.py            # one year of ES-like 1s bars (~15M) and ~50M trades
+    python bench/aggregate.py --quick    # a month of each: under a minute
+
+Everything runs in this one process on the same seeded data (``streambars.synthetic``):
+
+* engine: ``Aggregator`` with all 16 standard timeframes and validation on, fed batches of
+  ``--batch`` records (as the pipeline does), bars copied out as the pipeline receives them;
+* pandas: ``resample(origin="epoch")`` per sub-day timeframe plus a session-day ``groupby``
+  for 1d, first/max/min/last/sum/count, empty intervals dropped (the same bars);
+* polars: ``group_by_dynamic`` per timeframe (1d with the session offset), same aggregates;
+* floor: a numba loop that reads every input field once and does nothing else;
+* one-record calls: microseconds per ``process()`` of a single record (live feeding);
+* warm start: a fresh interpreter importing streambars, building an aggregator and
+  processing one tiny batch, with the numba cache already warm.
+
+Rates are input records per second (wall clock, best of ``--repeat``). The machine may be
+shared: the ratios, measured back to back, are the numbers to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".numba_cache"))
+
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from streambars import synthetic as sy  # noqa: E402
+from streambars.engine import Aggregator  # noqa: E402
+from streambars.records import RecordBatch  # noqa: E402
+from streambars.timeframes import STANDARD_TIMEFRAMES, Session, parse_timeframes  # noqa: E402
+
+SESSION = Session.parse("17:00 America/Chicago")
+TIMEFRAMES = parse_timeframes(list(STANDARD_TIMEFRAMES))
+START = pd.Timestamp("2024-01-01", tz="UTC").value
+
+
+def best(fn, repeat: int) -> tuple[float, object]:
+    times, result = [], None
+    for _ in range(repeat):
+        t = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t)
+    return min(times), result
+
+
+# -- the engine ------------------------------------------------------------------------------
+
+
+def run_engine(batch: RecordBatch, kind: str, batch_size: int) -> int:
+    agg = Aggregator(TIMEFRAMES, input_kind=kind, session=SESSION, out_capacity=4 * batch_size)
+    n = 0
+    for i in range(0, len(batch), batch_size):
+        n += len(agg.process(batch.slice(i, i + batch_size)))
+    n += len(agg.finish())
+    assert not agg.counts.any()
+    return n
+
+
+def per_call_us(batch: RecordBatch, kind: str, calls: int) -> float:
+    agg = Aggregator(TIMEFRAMES, input_kind=kind, session=SESSION)
+    ones = [batch.slice(i, i + 1) for i in range(calls)]
+    agg.process(ones[0])
+    t = time.perf_counter()
+    for one in ones[1:]:
+        agg.process(one)
+    return (time.perf_counter() - t) / (calls - 1) * 1e6
+
+
+WARM_START = """
+import time; t0 = time.perf_counter()
+import numpy as np
+from streambars.engine import Aggregator
+from streambars.records import RecordBatch
+from streambars.timeframes import STANDARD_TIMEFRAMES, Session
+agg = Aggregator(STANDARD_TIMEFRAMES, input_kind="ohlcv-1s", session=Session.parse("17:00 America/Chicago"))
+p = np.full(3, 5000 * 10**9, np.int64)
+ts = 1_700_000_000 * 10**9 + np.arange(3, dtype=np.int64) * 10**9
+agg.process(RecordBatch("ohlcv-1s", np.zeros(3, np.int32), ts, p, p, p, p, np.ones(3, np.uint64)))
+agg.finish()
+print(time.perf_counter() - t0)
+"""
+
+
+def warm_start_s(repeat: int) -> float:
+    env = dict(os.environ)
+    subprocess.run([sys.executable, "-c", WARM_START], check=True, env=env, capture_output=True)  # warm
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-c", WARM_START], check=True, env=env, capture_output=True)
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+# -- the floor -------------------------------------------------------------------------------
+
+
+@numba.njit(cache=True)
+def _read_all(series, ts, o, h, lo, c, v):
+    acc = np.int64(0)
+    for i in range(ts.shape[0]):
+        acc += series[i] + ts[i] + o[i] + h[i] + lo[i] + c[i] + np.int64(v[i])
+    return acc
+
+
+def run_floor(batch: RecordBatch) -> int:
+    b = batch
+    return int(_read_all(b.series, b.ts_event, b.open, b.high, b.low, b.close, b.volume))
+
+
+# -- pandas and polars -----------------------------------------------------------------------
+
+_PD_AGG = {"open": "first", "high": "max", "low": "min", "close": "last", "volume": "sum", "count": "size"}
+
+
+def run_pandas(batch: RecordBatch) -> int:
+    df = pd.DataFrame(
+        {"open": batch.open, "high": batch.high, "low": batch.low, "close": batch.close,
+         "volume": batch.volume, "count": np.ones(len(batch), np.int8)},
+        index=pd.DatetimeIndex(batch.ts_event.view("datetime64[ns]"), tz="UTC"),
+    )
+    n = 0
+    tod = pd.Timedelta(hours=SESSION.time_of_day.hour, minutes=SESSION.time_of_day.minute)
+    for tf in TIMEFRAMES:
+        if tf.is_daily:
+            day = (df.index.tz_convert(SESSION.tz).tz_localize(None) - tod).normalize()
+            bars = df.groupby(day).agg(_PD_AGG)
+        else:
+            bars = df.resample(f"{tf.seconds}s", origin="epoch").agg(_PD_AGG)
+            bars = bars[bars["count"] > 0]
+        n += len(bars)
+    return n
+
+
+def run_polars(batch: RecordBatch) -> int:
+    import polars as pl
+
+    df = pl.DataFrame(
+        {"ts": batch.ts_event.view("datetime64[ns]"), "open": batch.open, "high": batch.high,
+         "low": batch.low, "close": batch.close, "volume": batch.volume}
+    )
+    aggs = [pl.col("open").first(), pl.col("high").max(), pl.col("low").min(), pl.col("close").last(),
+            pl.col("volume").sum(), pl.len().alias("count")]
+    n = 0
+    for tf in TIMEFRAMES:
+        if tf.is_daily:
+            local = df.with_columns(pl.col("ts").dt.replace_time_zone("UTC").dt.convert_time_zone(SESSION.tz))
+            bars = local.group_by_dynamic("ts", every="1d", offset=f"{SESSION.time_of_day.hour}h").agg(aggs)
+        else:
+            bars = df.group_by_dynamic("ts", every=f"{tf.seconds}s").agg(aggs)
+        n += len(bars)
+    return n
+
+
+# -- main ------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a month of data instead of a year (under a minute)")
+    ap.add_argument("--days", type=float, help="days of data (default 365, quick 30)")
+    ap.add_argument("--batch", type=int, default=65_536, help="engine batch size (records)")
+    ap.add_argument("--repeat", type=int, default=None, help="runs per measurement, best kept")
+    ap.add_argument("--no-trades", action="store_true", help="skip the trades input")
+    args = ap.parse_args(argv)
+    days = args.days or (30 if args.quick else 365)
+    repeat = args.repeat or (2 if args.quick else 2)
+
+    print(f"# streambars engine benchmark: {days:g} days of ES-like data, {len(TIMEFRAMES)} timeframes, "
+          f"numba {numba.__version__}, pandas {pd.__version__}, {os.cpu_count()} cpus")
+    t = time.perf_counter()
+    bars_1s = sy.es_like_1s_bars(START, days, seed=1)
+    inputs = {"ohlcv-1s": RecordBatch.from_ohlcv("ohlcv-1s", np.zeros(len(bars_1s), np.int32), bars_1s)}
+    del bars_1s
+    if not args.no_trades:
+        trades = sy.es_like_trades(START, days, seed=2)
+        inputs["trades"] = RecordBatch.from_trades(np.zeros(len(trades), np.int32), trades)
+        del trades
+    print(f"# generated in {time.perf_counter() - t:.1f} s: "
+          + ", ".join(f"{len(b):,} {k}" for k, b in inputs.items()))
+
+    run_engine(inputs["ohlcv-1s"].slice(0, 1000), "ohlcv-1s", 100)  # JIT / cache load
+    run_floor(inputs["ohlcv-1s"].slice(0, 10))
+    results = {}
+    for kind, batch in inputs.items():
+        n = len(batch)
+        rates = {}
+        for name, fn in (
+            ("engine", lambda b=batch, k=kind: run_engine(b, k, args.batch)),
+            ("floor", lambda b=batch: run_floor(b)),
+            ("pandas", lambda b=batch: run_pandas(b)),
+            ("polars", lambda b=batch: run_polars(b)),
+        ):
+            secs, out = best(fn, 1 if name in ("pandas", "polars") and not args.quick else repeat)
+            rates[name] = n / secs
+            extra = f"{out:>12,} bars" if name != "floor" else ""
+            print(f"{kind:9} {name:7} {secs:8.3f} s {n / secs / 1e6:9.2f} M records/s {extra}")
+        results[kind] = rates
+        print(f"{kind:9} ratios: engine/pandas {rates['engine'] / rates['pandas']:.1f}x, "
+              f"engine/polars {rates['engine'] / rates['polars']:.1f}x, "
+              f"engine/floor {rates['engine'] / rates['floor']:.3f}x")
+
+    us = per_call_us(inputs["ohlcv-1s"], "ohlcv-1s", 50_000 if not args.quick else 20_000)
+    print(f"one-record process() call: {us:.2f} us")
+    ws = warm_start_s(3)
+    print(f"warm-cache start (new interpreter: import, build, one batch): {ws:.2f} s")
+    r = results["ohlcv-1s"]
+    print("targets (1s bars): engine/pandas >= 20x: "
+          f"{'yes' if r['engine'] >= 20 * r['pandas'] else 'no'}, engine/polars >= 8x: "
+          f"{'yes' if r['engine'] >= 8 * r['polars'] else 'no'}, engine/floor >= 0.3x: "
+          f"{'yes' if r['engine'] >= 0.3 * r['floor'] else 'no'}, call <= 3 us: "
+          f"{'yes' if us <= 3 else 'no'}, warm start <= 1 s: {'yes' if ws <= 1 else 'no'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
