@@ -412,3 +412,14 @@ def test_bars_are_emitted_as_soon_as_a_record_proves_them_closed():
     assert len(agg.process(one(0))) == 0
     out = agg.process(one(60)).bars
     assert sort_bars(out)["timeframe"].tolist() == [0, 1, 2]
+
+
+def test_state_of_a_series_not_seen_yet_is_fresh_and_restores_as_such():
+    agg = make(("1s", "1min"))
+    agg.process(one(0))
+    fresh = agg.get_series_state(3)
+    assert agg.n_series == 1  # asking does not add series
+    other = make(("1s", "1min"))
+    other.set_series_state(3, fresh)
+    assert other.n_series == 4 and not other.counts.any()
+    assert np.array_equal(run(other, [one(5, series=3)]), run(make(("1s", "1min")), [one(5, series=3)]))

@@ -278,10 +278,18 @@ class Aggregator:
                 )
 
     def get_series_state(self, series: int) -> dict[str, np.ndarray]:
-        """One series' state as plain arrays (running bars, clock, counters); see set_series_state."""
-        if not 0 <= series < self.n_series:
-            self._grow(series + 1)
-        return {"levels": self._lv[series].copy(), "series": self._ser[series].copy(), **self._layout()}
+        """One series' state as plain arrays (running bars, clock, counters); see set_series_state.
+
+        A series not seen yet has the state of a fresh one (nothing running, no counts)."""
+        if series < 0:
+            raise ValueError(f"series index {series} is negative")
+        if series < self.n_series:
+            levels, ser = self._lv[series].copy(), self._ser[series].copy()
+        else:
+            levels = np.zeros(self._lv.shape[1:], np.int64)
+            ser = np.zeros(K.N_SERIES_FIELDS, np.int64)
+            ser[K.S_LAST], ser[K.S_FLOOR] = -1, self._floor
+        return {"levels": levels, "series": ser, **self._layout()}
 
     def set_series_state(self, series: int, state: dict[str, np.ndarray]) -> None:
         """Restore one series exactly as :meth:`get_series_state` saved it (growing if needed)."""
