@@ -246,7 +246,7 @@ class Aggregator:
 
     def first_violations(self, series: int, rule: str | int) -> list[int]:
         """The first (up to 8) ``ts_event`` of records of ``series`` that broke ``rule``."""
-        bit = rule if isinstance(rule, int) else RULES[rule].bit
+        bit = rule if isinstance(rule, int) else getattr(RULES.get(rule), "bit", -1)
         if not 0 <= bit < len(RECORD_RULE_NAMES):
             raise ValueError(f"{rule!r} is not a per-record rule ({', '.join(RECORD_RULE_NAMES)})")
         if not 0 <= series < self.n_series:
