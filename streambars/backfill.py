@@ -33,7 +33,7 @@ import anyio
 from . import archive
 from .config import Settings, load_api_key
 from .engine import Aggregator
-from .errors import CostLimitError, SourceError, UsageError
+from .errors import CostLimitError, UsageError
 from .observe import Progress, TerminalProgress, get_logger
 from .pipeline import (
     Checkpoint,
@@ -42,8 +42,11 @@ from .pipeline import (
     PipelineItem,
     PipelineStats,
     ResumeFilter,
+    make_engine,
+    make_writers,
     restore_engine,
     run_pipeline,
+    unwrapped,
 )
 from .records import INPUT_INTERVAL_NS, INPUT_KINDS, SeriesRegistry
 from .rules import RECORD_RULE_NAMES
@@ -142,29 +145,6 @@ def _check_timeframes_fit(settings: Settings) -> None:
         )
 
 
-def _make_engine(settings: Settings) -> Aggregator:
-    v = settings.validation
-    return Aggregator(
-        settings.bars.timeframes,
-        input_kind=settings.databento.schema,
-        session=settings.bars.session,
-        policies=v.policies(),
-        default_policy=v.policy,
-        max_volume=v.max_volume,
-    )
-
-
-def _make_writers(settings: Settings, dataset: str, stype: str) -> StoreWriterSet:
-    return StoreWriterSet(
-        settings.store.path,
-        dataset,
-        stype=stype,
-        timeframes=settings.bars.timeframes,
-        session=settings.bars.session,
-        chunk_rows=settings.store.chunk_rows,
-    )
-
-
 def backfill_historical(
     settings: Settings, options: BackfillOptions, out: TextIO = sys.stdout
 ) -> BackfillResult | None:
@@ -177,10 +157,10 @@ def backfill_historical(
     chunks = plan_chunks(db.symbols, start, end)
     root = settings.store.path
     registry = SeriesRegistry(list(db.symbols))
-    writers = _make_writers(settings, db.dataset, db.stype_in)
+    writers = make_writers(settings, db.dataset, db.stype_in)
     result = BackfillResult(chunks_total=len(chunks))
     try:
-        engine = _make_engine(settings)
+        engine = make_engine(settings, registry)
         progress = restore_engine(engine, writers, registry)
         todo = [c for c in chunks if c.key not in progress.get(c.symbol, {}).get("done", [])]
         result.chunks_skipped = len(chunks) - len(todo)
@@ -356,11 +336,11 @@ def ingest_dbn_files(settings: Settings, paths: list[Path], out: TextIO = sys.st
     settings = replace(settings, databento=replace(settings.databento, dataset=dataset, schema=schema))
     _check_timeframes_fit(settings)
     registry = SeriesRegistry()
-    writers = _make_writers(settings, dataset, stype)
+    writers = make_writers(settings, dataset, stype)
     result = BackfillResult(chunks_total=len(paths))
     t0 = time.monotonic()
     try:
-        engine = _make_engine(settings)
+        engine = make_engine(settings, registry)
         # Restore saved state for every symbol these files hold, so reruns are idempotent.
         for info in infos:
             for name in info.symbols:
@@ -391,15 +371,19 @@ def ingest_dbn_files(settings: Settings, paths: list[Path], out: TextIO = sys.st
 
 def _run_with_signals(coro: Any) -> None:
     """Run the pipeline; SIGTERM behaves like Ctrl-C: stop, keep what was flushed."""
+    stopped = False
 
     async def main() -> None:
-        async with anyio.create_task_group() as tg:
+        async with unwrapped(), anyio.create_task_group() as tg:
 
             async def watch() -> None:
+                nonlocal stopped
                 with anyio.open_signal_receiver(signal.SIGTERM) as signals:
                     async for _ in signals:
                         log.warning("SIGTERM: stopping; the month in progress is redone next time")
-                        raise KeyboardInterrupt
+                        stopped = True
+                        tg.cancel_scope.cancel()
+                        return
 
             async def work() -> None:
                 await coro
@@ -408,12 +392,9 @@ def _run_with_signals(coro: Any) -> None:
             tg.start_soon(watch)
             tg.start_soon(work)
 
-    try:
-        anyio.run(main)
-    except* SourceError as eg:
-        raise eg.exceptions[0] from None
-    except* KeyboardInterrupt:
-        raise KeyboardInterrupt from None
+    anyio.run(main)
+    if stopped:
+        raise KeyboardInterrupt
 
 
 def _collect(engine: Aggregator, registry: SeriesRegistry, result: BackfillResult, settings: Settings) -> None:

@@ -30,12 +30,11 @@ One process, one anyio (asyncio) event loop::
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TextIO
@@ -47,6 +46,7 @@ from .errors import AuthenticationError, StoreError, StreambarsError
 from .metrics import DaemonMetrics
 from .notify import Notifier, WatchdogGate
 from .observe import configure_logging, get_logger, scrub
+from .pipeline import unwrapped
 
 log = get_logger("streambars.daemon")
 
@@ -290,7 +290,7 @@ class Daemon:
         self._abandon_scope = anyio.CancelScope()
         code = EXIT_OK
         try:
-            async with _unwrapped(), anyio.create_task_group() as tg:
+            async with unwrapped(), anyio.create_task_group() as tg:
                 self._tg = tg
                 tg.start_soon(self.watch_signals)
                 tg.start_soon(self._status_loop)
@@ -315,35 +315,6 @@ class Daemon:
         while True:
             await anyio.sleep(STATUS_INTERVAL_S)
             self.status()
-
-
-@contextlib.asynccontextmanager
-async def _unwrapped() -> AsyncIterator[None]:
-    """Raise the most telling error of a task group's ExceptionGroup on its own."""
-    try:
-        yield
-    except BaseExceptionGroup as eg:
-        raise _first(eg) from None
-
-
-def _first(eg: BaseExceptionGroup) -> BaseException:
-    flat: list[BaseException] = []
-
-    def walk(e: BaseException) -> None:
-        if isinstance(e, BaseExceptionGroup):
-            for sub in e.exceptions:
-                walk(sub)
-        else:
-            flat.append(e)
-
-    walk(eg)
-    # Errors that only say another task failed first are the least telling.
-    secondary = (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream)
-    for kind in (AuthenticationError, ConfigError, StreambarsError, Exception):
-        for e in flat:
-            if isinstance(e, kind) and not isinstance(e, secondary):
-                return e
-    return flat[0]
 
 
 def _changed_keys(old: Settings, new: Settings) -> list[str]:

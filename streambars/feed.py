@@ -105,18 +105,18 @@ class Epoch:
     # -- set-up ------------------------------------------------------------------------
 
     def _open(self) -> tuple[Any, Any, Any]:
-        from .backfill import _make_engine, _make_writers
+        from .pipeline import make_engine, make_writers
 
         s, db = self.settings, self.settings.databento
         _remove_dead_gapfills(Path(s.store.path) / db.dataset)
         if db.stype_in == "parent":
             for name in _daemon_written_symbols(s.store.path, db.dataset):
                 self.registry.index(name)
-        writers = _make_writers(s, db.dataset, db.stype_in)
+        writers = make_writers(s, db.dataset, db.stype_in)
         try:
             for name in self.registry.names:
                 writers.writer(name)  # open + lock now: a second writer is refused at start
-            engine = _make_engine(s)
+            engine = make_engine(s)
             progress = restore_engine(engine, writers, self.registry)
         except BaseException:
             writers.close_all()

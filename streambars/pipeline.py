@@ -17,6 +17,7 @@ Items a source may send, besides :class:`~streambars.records.RecordBatch`:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 from collections.abc import AsyncIterator, Callable
@@ -27,9 +28,10 @@ import anyio
 import numpy as np
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
+from .config import ConfigError, Settings
 from .engine import Aggregator
 from .engine.kernel import S_LAST
-from .errors import RuleViolationError
+from .errors import AuthenticationError, RuleViolationError, StreambarsError
 from .observe import Progress, get_logger
 from .records import BarBatch, RecordBatch, SeriesRegistry
 from .store import StoreWriterSet
@@ -63,6 +65,33 @@ class Finish:
 
 
 PipelineItem = RecordBatch | Checkpoint | FlushUntil | Finish
+
+
+def make_engine(settings: Settings, registry: SeriesRegistry | None = None) -> Aggregator:
+    """The aggregator the settings describe (timeframes, input schema, session, rules);
+    ``registry`` lets its errors name the symbol instead of a series index."""
+    v = settings.validation
+    return Aggregator(
+        settings.bars.timeframes,
+        input_kind=settings.databento.schema,
+        session=settings.bars.session,
+        policies=v.policies(),
+        default_policy=v.policy,
+        max_volume=v.max_volume,
+        series_names=registry,
+    )
+
+
+def make_writers(settings: Settings, dataset: str, stype: str) -> StoreWriterSet:
+    """Writers for one dataset's files, with the settings' timeframes and session."""
+    return StoreWriterSet(
+        settings.store.path,
+        dataset,
+        stype=stype,
+        timeframes=settings.bars.timeframes,
+        session=settings.bars.session,
+        chunk_rows=settings.store.chunk_rows,
+    )
 
 
 def encode_state(state: dict[str, np.ndarray]) -> bytes:
@@ -163,10 +192,16 @@ async def run_pipeline(
     to_writer_send, to_writer_recv = anyio.create_memory_object_stream[BarBatch | Checkpoint](queue_size)
     stats.queues.update(engine=to_engine_send, writer=to_writer_send)
 
+    rule_failure: list[RuleViolationError] = []
+
     async def feed(send: ObjectSendStream[PipelineItem]) -> None:
         async with send:
-            async for item in source:
-                await send.send(item)
+            try:
+                async for item in source:
+                    await send.send(item)
+            except anyio.BrokenResourceError:
+                if not rule_failure:
+                    raise  # the engine stage did not stop on purpose
 
     async def aggregate(
         recv: ObjectReceiveStream[PipelineItem], send: ObjectSendStream[BarBatch | Checkpoint]
@@ -180,10 +215,12 @@ async def run_pipeline(
                     try:
                         bars = await anyio.to_thread.run_sync(engine.process, item)
                     except RuleViolationError as e:
-                        # Bars closed before the violation are final: write them, then stop.
+                        # Bars closed before the violation are final: the writer stores them
+                        # (it drains its stream), then the failure is raised below.
                         if len(getattr(e, "bars", ())):
                             await send.send(e.bars)
-                        raise
+                        rule_failure.append(e)
+                        return
                 elif isinstance(item, FlushUntil):
                     bars = engine.flush(item.ts)
                 elif isinstance(item, Finish):
@@ -216,11 +253,42 @@ async def run_pipeline(
                 if on_written is not None:
                     on_written(item, written)
 
-    async with anyio.create_task_group() as tg:
+    async with unwrapped(), anyio.create_task_group() as tg:
         tg.start_soon(feed, to_engine_send)
         tg.start_soon(aggregate, to_engine_recv, to_writer_send)
         tg.start_soon(write, to_writer_recv)
+    if rule_failure:
+        raise rule_failure[0]
     return stats
+
+
+@contextlib.asynccontextmanager
+async def unwrapped() -> AsyncIterator[None]:
+    """Raise the most telling error of a task group's ExceptionGroup on its own, once."""
+    try:
+        yield
+    except BaseExceptionGroup as eg:
+        raise most_telling_error(eg) from None
+
+
+def most_telling_error(eg: BaseExceptionGroup) -> BaseException:
+    flat: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for sub in e.exceptions:
+                walk(sub)
+        else:
+            flat.append(e)
+
+    walk(eg)
+    # Errors that only say another task failed first are the least telling.
+    secondary = (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream)
+    for kind in (AuthenticationError, ConfigError, StreambarsError, Exception):
+        for e in flat:
+            if isinstance(e, kind) and not isinstance(e, secondary):
+                return e
+    return flat[0]
 
 
 def _save_checkpoint(writers: StoreWriterSet, cp: Checkpoint) -> None:

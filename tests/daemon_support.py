@@ -220,10 +220,10 @@ def row_counts(store: Path, symbol: str) -> dict[str, int]:
 def reference_bars(settings: Any, records: dict[str, np.ndarray], symbols: list[str], *,
                    finish: bool = True, flush_until: int | None = None) -> dict[str, dict[str, np.ndarray]]:
     """What one uninterrupted engine run over all the records gives, per symbol and timeframe."""
-    from streambars.backfill import _make_engine
+    from streambars.pipeline import make_engine
     from streambars.records import BAR_DTYPE, RecordBatch
 
-    engine = _make_engine(settings)
+    engine = make_engine(settings)
     arr = np.concatenate([records[s] for s in symbols if s in records])
     series = np.concatenate([np.full(len(records[s]), symbols.index(s), np.int32)
                              for s in symbols if s in records])
@@ -255,15 +255,14 @@ def reference_bars(settings: Any, records: dict[str, np.ndarray], symbols: list[
 
 def engine_counts(store: Path, settings: Any, symbol: str) -> dict[str, int]:
     """The validation counts in the engine state saved in a symbol's file."""
-    from streambars.backfill import _make_engine
-    from streambars.pipeline import decode_state
+    from streambars.pipeline import decode_state, make_engine
     from streambars.rules import RECORD_RULE_NAMES
 
     with h5py.File(store_file(store, symbol), "r", locking=False) as f:
         from streambars.store.layout import read_blob
 
         _, blob = read_blob(f["meta"]["engine_state"])
-    engine = _make_engine(settings)
+    engine = make_engine(settings)
     if blob:
         engine.set_series_state(0, decode_state(blob))
     return {r: int(engine.counts[0, j]) for j, r in enumerate(RECORD_RULE_NAMES)}

@@ -80,3 +80,25 @@ def test_ohlcv_1m_with_second_timeframes_is_a_clear_error(tmp_path, capsys, test
     path = testdata / "GLBX.MDP3" / "test_data.ohlcv-1m.dbn.zst"
     assert main(["backfill", "--store", str(tmp_path), "--from-dbn", str(path), "--timeframes", "1s,1min"]) == 2
     assert "ohlcv-1m" in capsys.readouterr().err
+
+
+def test_fail_policy_stops_naming_rule_symbol_and_time_and_keeps_earlier_bars(tmp_path, capsys):
+    from datetime import UTC, datetime
+
+    from streambars.synthetic import es_like_1s_bars, write_dbn
+
+    start = int(datetime(2024, 3, 4, tzinfo=UTC).timestamp()) * 10**9
+    records = es_like_1s_bars(start, 1, seed=3, instrument_id=7)
+    bad = len(records) // 2
+    records["high"][bad] = records["low"][bad] - 250_000_000  # high below low
+    path = write_dbn(tmp_path / "bad.dbn.zst", records, symbols={"ESM4": 7})
+    rc = main(["backfill", "--store", str(tmp_path / "store"), "--from-dbn", str(path),
+               "--timeframes", "1s,1min", "--set", 'validation.rules={ohlc_relation="fail"}'])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "ohlc_relation" in err and "ESM4" in err and str(int(records["ts_event"][bad])) in err
+    with open_store(tmp_path / "store") as reader:
+        got = reader.read("ESM4", "1s")
+    # Every bar closed before the bad record is stored; nothing at or after it.
+    assert len(got) > 0 and got["ts_event"][-1] < records["ts_event"][bad]
+    np.testing.assert_array_equal(got["ts_event"], records["ts_event"][: len(got)].astype(np.int64))
