@@ -30,6 +30,7 @@ from streambars.store import (
     open_store,
     symbol_to_filename,
 )
+from streambars.store import writer as store_writer
 from streambars.store.layout import HWM, INDEX, LIBVER
 from streambars.store.recovery import clear_open_flags, lookup3, read_superblock
 from streambars.store.writer import as_bars
@@ -191,7 +192,9 @@ def test_bars_are_taken_by_field_name_whatever_the_wider_layout(tmp_path):
         as_bars(np.zeros(2, [("ts_event", "<i8")]), "x")
 
 
-def test_writer_set_groups_one_pair_many_pairs_and_many_series(tmp_path):
+@pytest.mark.parametrize("keep_rows", [1 << 20, 4])  # 4: batches too big to keep a gather buffer for
+def test_writer_set_groups_one_pair_many_pairs_and_many_series(tmp_path, monkeypatch, keep_rows):
+    monkeypatch.setattr(store_writer, "_GATHER_KEEP_ROWS", keep_rows)
     names = [f"S{i}" for i in range(5000)]  # 5000 * 3 keys: more than 16 bits
     tfs = list(TFS)
 

@@ -379,6 +379,10 @@ class BarFileWriter:
         return f"<BarFileWriter {self.path} {state}>"
 
 
+#: StoreWriterSet keeps its gather buffer for batches up to this many rows (52 MB).
+_GATHER_KEEP_ROWS = 1 << 20
+
+
 class StoreWriterSet:
     """Writers for every symbol of one dataset, opened on first use; routes tagged bars."""
 
@@ -457,16 +461,19 @@ class StoreWriterSet:
         counts = np.bincount(key, minlength=nkeys)
         keys = np.flatnonzero(counts)
         if keys.size == 1:
-            return [(int(keys[0]), as_bars(bars, "bars"))]
+            return [(int(keys[0]), as_bars(bars, "tagged bars"))]
         order = np.argsort(key.astype(np.uint16) if nkeys <= 1 << 16 else key, kind="stable")
         raw = bar_bytes(bars)
+        n = order.shape[0]
         if raw is None:
-            rows = as_bars(bars, "bars")[order]
+            rows = as_bars(bars, "tagged bars")[order]
+        elif n > _GATHER_KEEP_ROWS:  # a rare huge batch: do not keep its buffer alive
+            rows = np.take(raw, order).view(BAR_DTYPE)
         else:
-            if self._gather.shape[0] < order.shape[0]:
-                self._gather = np.empty(order.shape[0], raw.dtype)
+            if self._gather.shape[0] < n:
+                self._gather = np.empty(n, raw.dtype)
             # mode="clip": with out= and the default mode numpy gathers into a temporary first.
-            rows = np.take(raw, order, out=self._gather[: order.shape[0]], mode="clip").view(BAR_DTYPE)
+            rows = np.take(raw, order, out=self._gather[:n], mode="clip").view(BAR_DTYPE)
         ends = np.cumsum(counts[keys])
         return [(int(k), rows[hi - counts[k] : hi]) for k, hi in zip(keys, ends, strict=True)]
 
