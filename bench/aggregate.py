@@ -57,7 +57,7 @@ def best(fn, repeat: int) -> tuple[float, object]:
 
 
 def run_engine(batch: RecordBatch, kind: str, batch_size: int) -> int:
-    agg = Aggregator(TIMEFRAMES, input_kind=kind, session=SESSION, out_capacity=4 * batch_size)
+    agg = Aggregator(TIMEFRAMES, input_kind=kind, session=SESSION)
     n = 0
     for i in range(0, len(batch), batch_size):
         n += len(agg.process(batch.slice(i, i + batch_size)))
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a month of data instead of a year (under a minute)")
     ap.add_argument("--days", type=float, help="days of data (default 365, quick 30)")
-    ap.add_argument("--batch", type=int, default=65_536, help="engine batch size (records)")
+    ap.add_argument("--batch", type=int, default=16_384, help="engine batch size (records)")
     ap.add_argument("--repeat", type=int, default=None, help="runs per measurement, best kept")
     ap.add_argument("--no-trades", action="store_true", help="skip the trades input")
     args = ap.parse_args(argv)

@@ -31,10 +31,9 @@ _NO_RECORDS = tuple(np.empty(0, dt) for dt in (np.int32, np.int64, np.int64, np.
 _COLUMN_DTYPES = (np.int32, np.int64, np.int64, np.int64, np.int64, np.int64, np.uint64)
 
 
-def _join(parts: list[np.ndarray]) -> np.ndarray:
-    if not parts:
-        return _NO_BARS
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+def _bars(acc: bytearray) -> np.ndarray:
+    """Bars accumulated as bytes: np.concatenate on a packed structured dtype is ~10x slower."""
+    return np.frombuffer(acc, TAGGED_BAR_DTYPE) if acc else _NO_BARS
 
 
 class Aggregator:
@@ -46,6 +45,10 @@ class Aggregator:
     "drop" | "fail" for the per-record rules (others get ``default_policy``). ``max_volume``:
     a record's volume above it breaks volume_absurd (0: no ceiling). ``series_names``: how
     errors name a series (a sequence or a :class:`~streambars.records.SeriesRegistry`).
+
+    Any batch size gives the same bars. Throughput is best with batches of a few thousand
+    to ~16k records: their bars fit the reused output buffer (``out_capacity`` rows) and the
+    cache; much larger batches spend their time materialising one large result in fresh memory.
     """
 
     def __init__(
@@ -181,10 +184,9 @@ class Aggregator:
             if status == _OK:
                 return BarBatch(self._take(nout) if nout else _NO_BARS)
             cols = (b.series, b.ts_event, b.open, b.high, b.low, b.close, b.volume)
-        parts = []
+        acc = bytearray()
         while True:
-            if nout:
-                parts.append(self._take(nout))
+            acc += self._out_bytes[: nout * _ROW]
             if status == K.OK:
                 break
             if status == K.GROW:
@@ -192,19 +194,19 @@ class Aggregator:
             elif status == K.BAD_SERIES:
                 raise ValueError(f"record {done} of the batch has a negative series index {info}")
             elif status == K.FAIL:
-                raise self._violation(cols, done, info, parts)
+                raise self._violation(cols, done, info, acc)
             done, nout, status, info = _aggregate(*cols, done, self._st, self._out)
-        return BarBatch(_join(parts))
+        return BarBatch(_bars(acc))
 
     def _take(self, nout: int) -> np.ndarray:
         """A fresh copy of the first ``nout`` output rows (a byte copy: copying a packed
         structured array field by field is an order of magnitude slower)."""
         return np.frombuffer(bytearray(self._out_bytes[: nout * _ROW]), TAGGED_BAR_DTYPE)
 
-    def _violation(self, cols, index: int, bit: int, parts: list[np.ndarray]) -> RuleViolationError:
+    def _violation(self, cols, index: int, bit: int, acc: bytearray) -> RuleViolationError:
         series, ts = int(cols[0][index]), int(cols[1][index])
         err = RuleViolationError(RECORD_RULE_NAMES[bit], self._name(series), ts, f"record {index} of the batch")
-        err.bars = BarBatch(_join(parts))
+        err.bars = BarBatch(_bars(acc))
         err.index = index
         err.series_index = series
         return err
@@ -224,18 +226,17 @@ class Aggregator:
         return self._flush(np.iinfo(np.int64).max, True)
 
     def _flush(self, until: int, close_all: bool) -> BarBatch:
-        parts = []
+        acc = bytearray()
         s, st = 0, self._st
         st[K.H_UNTIL] = until
         st[K.H_MODE] = K.MODE_FINISH if close_all else K.MODE_FLUSH
         try:
             while s < self.n_series:
                 s, nout, _, _ = _aggregate(*_NO_RECORDS, s, st, self._out)
-                if nout:
-                    parts.append(self._take(nout))
+                acc += self._out_bytes[: nout * _ROW]
         finally:
             st[K.H_MODE] = K.MODE_RECORDS
-        return BarBatch(_join(parts))
+        return BarBatch(_bars(acc))
 
     # -- counters --------------------------------------------------------------------------
 
