@@ -1,4 +1,4 @@
-"""The numba kernels: every timeframe of every series in one pass over a batch of records.
+"""The numba kernel: every timeframe of every series in one pass over a batch of records.
 
 All state and configuration live in one flat int64 array ``st`` (the "arena") that the wrapper
 owns, saves and restores; one array instead of five keeps both the per-call dispatch cost and
@@ -24,9 +24,10 @@ checked in turn, so most records touch one or two levels instead of all of them.
 flush has closed a root (or for a series' first record) one full sweep restores the
 invariant that every running bar contains the series' clock.
 
-Output goes into a caller-owned, reused TAGGED_BAR_DTYPE buffer; a kernel stops early (and
+Output goes into a caller-owned, reused TAGGED_BAR_DTYPE buffer; the kernel stops early (and
 says where) when the buffer could overflow, when a record names a series the arena has no
-room for yet, or when a rule with policy fail is broken.
+room for yet, or when a rule with policy fail is broken. Flushing runs in the same compiled
+function (``st[H_MODE]``), so a new process loads one kernel from the cache.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from numba import types
 from ..records import TAGGED_BAR_DTYPE
 from ..rules import N_RECORD_RULES, record_violations
 
-# header st[_U(H_*)]
+# header st[H_*]
 (H_LEVELS, H_SERIES, H_CFG, H_BOUNDS, H_NBOUNDS, H_LV, H_SER, H_STRICT, H_INTERVAL, H_MAX_VOLUME,
  H_LAST_ROOT, H_DROP_MASK, H_FAIL_MASK, H_MODE, H_UNTIL) = range(15)
 MODE_RECORDS, MODE_FLUSH, MODE_FINISH = 0, 1, 2  # st[H_MODE]: what aggregate() does
