@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import date, datetime, time, timedelta
 from functools import lru_cache
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -139,22 +139,29 @@ class Session:
 
 @lru_cache(maxsize=8)
 def _session_boundaries(tod: time, tz: str, first_year: int, last_year: int) -> np.ndarray:
-    # Offsets change only at DST transitions, so walk the days and ask the zone once per day:
-    # ~40k days take a few tens of milliseconds and are cached per process.
+    # A boundary is local midnight + time of day - the UTC offset in force then. Offsets change
+    # only at DST transitions, so ask the zone once a month and walk day by day only through
+    # months whose offset changes: ~2k zone look-ups instead of ~40k, a few ms per process.
     zone = ZoneInfo(tz)
-    day = date(first_year, 1, 1)
-    end = date(last_year + 1, 1, 1)
-    n = (end - day).days
-    base = datetime(first_year, 1, 1, tzinfo=UTC)
     tod_seconds = tod.hour * 3600 + tod.minute * 60 + tod.second
-    out = np.empty(n, dtype=np.int64)
-    one_day = timedelta(days=1)
-    for i in range(n):
-        offset = zone.utcoffset(datetime.combine(day, tod))
-        out[i] = int((base - datetime(1970, 1, 1, tzinfo=UTC)).total_seconds()) + i * SECONDS_PER_DAY
-        out[i] += tod_seconds - int(offset.total_seconds())
-        day += one_day
-    out *= NS_PER_SECOND
+    offsets: list[int] = []
+
+    def offset(d: date) -> int:
+        return int(zone.utcoffset(datetime.combine(d, tod)).total_seconds())
+
+    for year in range(first_year, last_year + 1):
+        for month in range(1, 13):
+            first = date(year, month, 1)
+            nxt = date(year + (month == 12), month % 12 + 1, 1)
+            o_first, o_next = offset(first), offset(nxt)
+            n = (nxt - first).days
+            if o_first == o_next:
+                offsets.extend([o_first] * n)
+            else:
+                offsets.extend(offset(first + timedelta(days=k)) for k in range(n))
+    epoch_day = (date(first_year, 1, 1) - date(1970, 1, 1)).days
+    day_index = np.arange(epoch_day, epoch_day + len(offsets), dtype=np.int64)
+    out = (day_index * SECONDS_PER_DAY + tod_seconds - np.asarray(offsets, np.int64)) * NS_PER_SECOND
     out.setflags(write=False)
     return out
 

@@ -59,3 +59,18 @@ def test_bad_session_is_refused():
     for text in ["17:00", "25:00 America/Chicago", "17:00 Nowhere/City"]:
         with pytest.raises(ValueError):
             Session.parse(text)
+
+
+@pytest.mark.parametrize("spec", ["17:00 America/Chicago", "00:00 America/New_York", "02:30 Europe/London",
+                                  "09:00 Asia/Tokyo", "18:00 Australia/Sydney"])
+def test_boundaries_equal_a_day_by_day_zoneinfo_walk(spec):
+    from datetime import timedelta
+    from zoneinfo import ZoneInfo
+
+    s = Session.parse(spec)
+    b = s.boundaries(2000, 2030)
+    zone, d, ref = ZoneInfo(s.tz), date(2000, 1, 1), []
+    while d < date(2031, 1, 1):
+        ref.append(int(datetime.combine(d, s.time_of_day, tzinfo=zone).timestamp()) * 10**9)
+        d += timedelta(days=1)
+    np.testing.assert_array_equal(b, np.array(ref, np.int64))
