@@ -40,6 +40,7 @@ import zstandard
 from .errors import StoreError
 from .naming import symbol_to_filename
 from .observe import get_logger
+from .store.layout import fsync_path
 
 log = get_logger("streambars.archive")
 
@@ -148,14 +149,6 @@ def write_symbols(archive_file: str | os.PathLike[str], mapping: Mapping[int, st
 # ----------------------------------------------------------------------------- atomic files
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _temp_name(dest: Path) -> Path:
     return dest.with_name(f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}{_TEMP_SUFFIX}")
 
@@ -180,7 +173,7 @@ def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
+        fsync_path(dest.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -310,7 +303,7 @@ class _LiveFile:
         if good == 0:
             self._f.write(cctx.compress(metadata))
             self._f.flush()
-            _fsync_dir(p.parent)
+            fsync_path(p.parent)
 
     @staticmethod
     def _repair(p: Path) -> int:

@@ -10,9 +10,14 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .observe import default_numba_cache_dir
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .config import Settings
+
+Handler = Callable[[argparse.Namespace, "Settings"], int]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -162,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _settings(args: argparse.Namespace, required_keys: Sequence[str] = ()):  # -> Settings
+def _settings(args: argparse.Namespace) -> Settings:
     from .config import load_settings, parse_override
 
     overrides: dict[str, Any] = {}
@@ -176,25 +181,15 @@ def _settings(args: argparse.Namespace, required_keys: Sequence[str] = ()):  # -
     return load_settings(args.config, overrides)
 
 
-def _configure_logging(settings) -> None:
-    from .observe import configure_logging
-
-    configure_logging(settings.logging.level, settings.logging.format)
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
+def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from .demo import run_demo
 
-    settings = _settings(args)
-    _configure_logging(settings)
     return run_demo(settings, out=sys.stdout)
 
 
-def _cmd_backfill(args: argparse.Namespace) -> int:
+def _cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
     from .backfill import BackfillOptions, run_backfill
 
-    settings = _settings(args)
-    _configure_logging(settings)
     options = BackfillOptions(
         start=args.start,
         end=args.end,
@@ -207,29 +202,23 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
     return run_backfill(settings, options, out=sys.stdout)
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
+def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from .daemon import run_daemon
 
-    settings = _settings(args)
-    _configure_logging(settings)
     return run_daemon(settings, env_file=args.env_file)
 
 
-def _cmd_inspect(args: argparse.Namespace) -> int:
+def _cmd_inspect(args: argparse.Namespace, settings: Settings) -> int:
     from .store import inspect_store
 
-    settings = _settings(args)
-    _configure_logging(settings)
     rows = inspect_store(settings.store.path)
     print(format_table(rows))
     return EXIT_OK
 
 
-def _cmd_export(args: argparse.Namespace) -> int:
+def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     from .export import export_bars
 
-    settings = _settings(args)
-    _configure_logging(settings)
     written = export_bars(
         settings.store.path,
         symbol=args.symbol,
@@ -246,11 +235,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _cmd_validate(args: argparse.Namespace) -> int:
+def _cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
     from .validate import run_validate
 
-    settings = _settings(args)
-    _configure_logging(settings)
     return run_validate(
         settings,
         dataset=args.dataset,
@@ -266,11 +253,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     )
 
 
-def _cmd_compact(args: argparse.Namespace) -> int:
+def _cmd_compact(args: argparse.Namespace, settings: Settings) -> int:
     from .store import compact_store
 
-    settings = _settings(args)
-    _configure_logging(settings)
     for path, before, after in compact_store(settings.store.path, args.paths, args.compression):
         print(f"{path}\t{before:,} -> {after:,} bytes")
     return EXIT_OK
@@ -298,21 +283,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(__version__)
         return EXIT_OK
-    handler: Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)
+    handler: Handler | None = getattr(args, "handler", None)
     if handler is None:
         parser.print_help()
         return EXIT_USAGE
     return run_handler(handler, args)
 
 
-def run_handler(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """Map the library's exceptions onto exit codes and one clear line on stderr."""
+def run_handler(handler: Handler, args: argparse.Namespace) -> int:
+    """Load settings (before any work), set up logging, run the command; map the library's
+    exceptions onto exit codes and one clear line on stderr."""
     from .config import ConfigError
     from .errors import StreambarsError
-    from .observe import scrub
+    from .observe import configure_logging, scrub
 
     try:
-        return handler(args)
+        settings = _settings(args)
+        configure_logging(settings.logging.level, settings.logging.format)
+        return handler(args, settings)
     except ConfigError as e:
         print(f"streambars: {scrub(str(e))}", file=sys.stderr)
         return EXIT_USAGE

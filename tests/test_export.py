@@ -106,9 +106,7 @@ def test_empty_or_unknown_selections_are_clear_errors(tmp_path):
     assert not (tmp_path / "a.csv").exists()
 
 
-def test_cli_inspect_export_and_compact(tmp_path, capsys, monkeypatch):
-    # (cli would point structlog at capsys' stream, which closes after this test)
-    monkeypatch.setattr("streambars.cli._configure_logging", lambda settings: None)
+def test_cli_inspect_export_and_compact(tmp_path, capsys):
     store = tmp_path / "store"
     bars = make_store(store)
     assert cli_main(["inspect", "--store", str(store)]) == 0

@@ -208,9 +208,7 @@ def test_clean_store_of_several_days_reports_nothing(tmp_path):
     assert len(logs) == 1 and "OK: 0 error(s), 0 warning(s)" in logs[0].read_text()
 
 
-def test_exit_codes_through_the_cli(planted, tmp_path, capsys, monkeypatch):
-    # in-process CLI runs must not point the process-wide logging at pytest's capture stream
-    monkeypatch.setattr("streambars.cli._configure_logging", lambda settings: None)
+def test_exit_codes_through_the_cli(planted, tmp_path, capsys):
     root, _ = planted
     store = ["--store", str(root), "--report", str(tmp_path / "r.txt")]
     assert cli_main(["validate", *store]) == 1
