@@ -37,7 +37,7 @@ import numpy as np
 from numba import types
 
 from ..records import TAGGED_BAR_DTYPE
-from ..rules import N_RECORD_RULES, record_violations
+from ..rules import N_RECORD_RULES, TS_MISALIGNED, record_violations
 
 # header st[H_*]
 (H_LEVELS, H_SERIES, H_CFG, H_BOUNDS, H_NBOUNDS, H_LV, H_SER, H_STRICT, H_INTERVAL, H_MAX_VOLUME,
@@ -289,6 +289,26 @@ def aggregate(series, ts, op, hi, lo, cl, vol, start, st, out):
     drop_mask = st[_U(H_DROP_MASK)]
     fail_mask = st[_U(H_FAIL_MASK)]
     last_root = st[_U(H_LAST_ROOT)]
+    # ts alignment without a 64-bit division per record: interval = 2**tz * m (m odd), and
+    # a ts >= 0 is a multiple of it iff its low tz bits are 0 and (ts >> tz) * m**-1 (mod 2**64)
+    # <= (2**64 - 1) // m (divisibility by multiplying with the modular inverse)
+    tz = np.int64(0)
+    odd = np.uint64(1)
+    if interval > 0:
+        m = interval
+        while m & 1 == 0:
+            m >>= 1
+            tz += 1
+        odd = np.uint64(m)
+    inv = odd
+    for _ in range(5):  # Newton: 3 correct low bits, doubled each step
+        inv = inv * (np.uint64(2) - odd * inv)
+    lim = np.uint64(0xFFFFFFFFFFFFFFFF) // odd
+    low = (np.int64(1) << tz) - 1
+    # the finest level is the input interval (1s bars into 1s..): an aligned record's bar is
+    # [ts, ts + interval), no bucket search needed
+    exact0 = (interval > 0 and st[_U(cfg + C_NANOS)] == interval and st[_U(cfg + C_DAILY)] == 0
+              and st[_U(cfg + C_SOURCE)] < 0)
     _reset_marks(st)
     nout = 0
     for i in range(start, n):
@@ -305,7 +325,7 @@ def aggregate(series, ts, op, hi, lo, cl, vol, start, st, out):
             return i, nout, GROW, top
         ui = _U(i)
         t = ts[ui]
-        o, h, low, c, v = op[ui], hi[ui], lo[ui], cl[ui], vol[ui]
+        o, h, lw, c, v = op[ui], hi[ui], lo[ui], cl[ui], vol[ui]
         sb = ser + s * N_SERIES_FIELDS
         prev = st[_U(sb + S_LAST)]
         floor = st[_U(sb + S_FLOOR)]
@@ -313,7 +333,15 @@ def aggregate(series, ts, op, hi, lo, cl, vol, start, st, out):
             eff = floor - 1 if strict else floor
             if eff > prev:
                 prev = eff
-        mask = record_violations(t, o, h, low, c, v, prev, strict, interval, max_volume)
+        mask = record_violations(t, o, h, lw, c, v, prev, strict, 0, max_volume)
+        aligned = True
+        if interval > 0:
+            if t >= 0:
+                aligned = (t & low) == 0 and np.uint64(t >> tz) * inv <= lim
+            else:
+                aligned = t % interval == 0
+            if not aligned:
+                mask |= 1 << TS_MISALIGNED
         if mask != 0:
             _count(st, sb, mask, t)
             bad = mask & fail_mask
@@ -332,21 +360,24 @@ def aggregate(series, ts, op, hi, lo, cl, vol, start, st, out):
                 continue
             b = base + r * N_LEVEL_FIELDS
             if st[_U(b + L_ACTIVE)] == 0:
-                b0, b1 = bucket(st, t, st[_U(cr + C_NANOS)], st[_U(cr + C_DAILY)], st[_U(b + L_END)])
+                if r == 0 and exact0 and aligned:
+                    b0, b1 = t, t + interval
+                else:
+                    b0, b1 = bucket(st, t, st[_U(cr + C_NANOS)], st[_U(cr + C_DAILY)], st[_U(b + L_END)])
                 st[_U(b + L_ACTIVE)] = 1
                 st[_U(b + L_START)] = b0
                 st[_U(b + L_END)] = b1
                 st[_U(b + L_OPEN)] = o
                 st[_U(b + L_HIGH)] = h
-                st[_U(b + L_LOW)] = low
+                st[_U(b + L_LOW)] = lw
                 st[_U(b + L_CLOSE)] = c
                 st[_U(b + L_VOLUME)] = np.int64(v)
                 st[_U(b + L_COUNT)] = 1
             else:
                 if h > st[_U(b + L_HIGH)]:
                     st[_U(b + L_HIGH)] = h
-                if low < st[_U(b + L_LOW)]:
-                    st[_U(b + L_LOW)] = low
+                if lw < st[_U(b + L_LOW)]:
+                    st[_U(b + L_LOW)] = lw
                 st[_U(b + L_CLOSE)] = c
                 st[_U(b + L_VOLUME)] += np.int64(v)
                 st[_U(b + L_COUNT)] += 1
