@@ -49,7 +49,7 @@ def decode_only(path: Path) -> float:
 
 def pipeline_in_subprocess(path: Path, store: Path) -> dict:
     code = f"""
-import json, resource, sys, time
+import json, sys, time
 from streambars.backfill import ingest_dbn_files
 from streambars.config import load_settings
 from streambars.observe import configure_logging
@@ -59,8 +59,10 @@ settings = load_settings(None, {{"store.path": {str(store)!r}}})
 t0 = time.perf_counter()
 result = ingest_dbn_files(settings, [__import__("pathlib").Path({str(path)!r})], out=io.StringIO())
 dt = time.perf_counter() - t0
+# VmHWM, not ru_maxrss: the latter can carry the parent's peak across fork+exec.
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
 print(json.dumps({{"seconds": dt, "records": result.stats.records, "bars": result.stats.bars_written,
-                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+                  "rss_mb": int(hwm) / 1024}}))
 """
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     if p.returncode:
