@@ -36,7 +36,7 @@ import numba
 import numpy as np
 from numba import types
 
-from ..records import TAGGED_BAR_DTYPE
+from ..records import TAGGED_BAR_DTYPE, UNDEF_PRICE
 from ..rules import N_RECORD_RULES, TS_MISALIGNED, record_violations
 
 # header st[H_*]
@@ -180,8 +180,17 @@ def _advance(st, s, t, mark, sweep, out, nout):
         for r in range(last_root + 1):
             if st[_U(cfg + r * N_CFG_FIELDS + C_SOURCE)] < 0 and st[_U(base + r * N_LEVEL_FIELDS + L_ACTIVE)] == 0:
                 sweep = True
-    pending = 0
-    for k in range(n_levels):
+    return _levels(st, s, t, mark, sweep, out, nout, 0, 0)
+
+
+@numba.njit(cache=True, inline="always", _nrt=False)
+def _levels(st, s, t, mark, sweep, out, nout, k0, pending):
+    """:func:`_advance` from level ``k0`` on, ``pending`` closed bars not yet folded."""
+    n_levels = st[_U(H_LEVELS)]
+    last_root = st[_U(H_LAST_ROOT)]
+    cfg = st[_U(H_CFG)]
+    base = st[_U(H_LV)] + s * n_levels * N_LEVEL_FIELDS
+    for k in range(k0, n_levels):
         c = cfg + k * N_CFG_FIELDS
         b = base + k * N_LEVEL_FIELDS
         src = st[_U(c + C_SOURCE)]
@@ -286,6 +295,7 @@ def aggregate(series, ts, op, hi, lo, cl, vol, start, st, out):
     strict = st[_U(H_STRICT)] != 0
     interval = st[_U(H_INTERVAL)]
     max_volume = np.uint64(st[_U(H_MAX_VOLUME)])
+    zero = np.uint64(0)
     drop_mask = st[_U(H_DROP_MASK)]
     fail_mask = st[_U(H_FAIL_MASK)]
     last_root = st[_U(H_LAST_ROOT)]
@@ -309,6 +319,8 @@ def aggregate(series, ts, op, hi, lo, cl, vol, start, st, out):
     # [ts, ts + interval), no bucket search needed
     exact0 = (interval > 0 and st[_U(cfg + C_NANOS)] == interval and st[_U(cfg + C_DAILY)] == 0
               and st[_U(cfg + C_SOURCE)] < 0)
+    fast = exact0 and last_root == 0
+    children0 = st[_U(cfg + C_CHILDREN)]
     _reset_marks(st)
     nout = 0
     for i in range(start, n):
@@ -333,7 +345,13 @@ def aggregate(series, ts, op, hi, lo, cl, vol, start, st, out):
             eff = floor - 1 if strict else floor
             if eff > prev:
                 prev = eff
-        mask = record_violations(t, o, h, lw, c, v, prev, strict, 0, max_volume)
+        # the common case in a few comparisons (every price <= h < UNDEF_PRICE, all > 0 as
+        # lw > 0); anything else gets the full rule check
+        if (lw > 0 and h < UNDEF_PRICE and lw <= o and lw <= c and o <= h and c <= h and v != zero
+                and (max_volume == zero or v <= max_volume) and (t > prev or (t == prev and not strict))):
+            mask = 0
+        else:
+            mask = record_violations(t, o, h, lw, c, v, prev, strict, 0, max_volume)
         aligned = True
         if interval > 0:
             if t >= 0:
@@ -352,8 +370,26 @@ def aggregate(series, ts, op, hi, lo, cl, vol, start, st, out):
                 return i, nout, FAIL, bit
             if mask & drop_mask:
                 continue
-        nout = _advance(st, s, t, i, False, out, nout)
         base = lv + s * n_levels * N_LEVEL_FIELDS
+        if fast and mask == 0 and st[_U(base + L_ACTIVE)] != 0 and t >= st[_U(base + L_END)]:
+            # the common case: the finest level is the only root and the input interval, so
+            # this record closes its running bar and starts the next one (no merge, no search)
+            nout = _emit(st, base, s, 0, out, nout)
+            if children0 > 0:
+                st[_U(cfg + C_MARK)] = i
+                nout = _levels(st, s, t, i, False, out, nout, 1, children0)
+            st[_U(base + L_ACTIVE)] = 1
+            st[_U(base + L_START)] = t
+            st[_U(base + L_END)] = t + interval
+            st[_U(base + L_OPEN)] = o
+            st[_U(base + L_HIGH)] = h
+            st[_U(base + L_LOW)] = lw
+            st[_U(base + L_CLOSE)] = c
+            st[_U(base + L_VOLUME)] = np.int64(v)
+            st[_U(base + L_COUNT)] = 1
+            st[_U(sb + S_LAST)] = t
+            continue
+        nout = _advance(st, s, t, i, False, out, nout)
         for r in range(last_root + 1):
             cr = cfg + r * N_CFG_FIELDS
             if st[_U(cr + C_SOURCE)] >= 0:
