@@ -108,6 +108,7 @@ class Aggregator:
         self._head, self._cfg = head, cfg
         self.policies = {name: Policy(int(pol[b])) for b, name in enumerate(RECORD_RULE_NAMES)}
 
+        self._min_out = n  # the kernel needs room for every level's bar before each record
         self._out = np.empty(max(int(out_capacity), 2 * n), TAGGED_BAR_DTYPE)
         self._out_bytes = memoryview(self._out.view(np.uint8))
         self._floor = -1
@@ -172,19 +173,32 @@ class Aggregator:
         if batch.kind != self.input_kind:
             raise ValueError(f"a {batch.kind} batch given to an aggregator of {self.input_kind} records")
         b = batch
+        # The bars go straight into a fresh array sized for the usual case (about 1.6 bars a
+        # record with 16 timeframes): the result is then a view of it, with no copy out of
+        # the reused buffer. A batch that closes more bars (or a huge one) falls back to the
+        # reused buffer, accumulated as bytes.
+        cap = 2 * b.ts_event.shape[0] + self._min_out
+        out = np.empty(cap, TAGGED_BAR_DTYPE) if cap <= self._out.shape[0] else self._out
         try:  # the fast path, kept lean: live feeding calls this once per record
             done, nout, status, info = _aggregate(
-                b.series, b.ts_event, b.open, b.high, b.low, b.close, b.volume, 0, self._st, self._out
+                b.series, b.ts_event, b.open, b.high, b.low, b.close, b.volume, 0, self._st, out
             )
         except TypeError:  # another dtype, or a non-contiguous or read-only view: convert once
             cols = (b.series, b.ts_event, b.open, b.high, b.low, b.close, b.volume)
             cols = tuple(np.require(c, dt, "CW") for c, dt in zip(cols, _COLUMN_DTYPES, strict=True))
-            done, nout, status, info = _aggregate(*cols, 0, self._st, self._out)
+            done, nout, status, info = _aggregate(*cols, 0, self._st, out)
         else:
             if status == _OK:
+                if out is not self._out:
+                    return BarBatch(out[:nout] if nout else _NO_BARS)
                 return BarBatch(self._take(nout) if nout else _NO_BARS)
             cols = (b.series, b.ts_event, b.open, b.high, b.low, b.close, b.volume)
         acc = bytearray()
+        if out is not self._out:  # the first chunk went into the fresh array
+            acc += memoryview(out.view(np.uint8))[: nout * _ROW]
+            if status == K.OK:
+                return BarBatch(_bars(acc))
+            nout = 0
         while True:
             acc += self._out_bytes[: nout * _ROW]
             if status == K.OK:
