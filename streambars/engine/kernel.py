@@ -155,10 +155,10 @@ def _fold_bar(st, b, src, c):
         st[_U(b + L_VOLUME)] = st[_U(src + L_VOLUME)]
         st[_U(b + L_COUNT)] = st[_U(src + L_COUNT)]
     else:
-        if st[_U(src + L_HIGH)] > st[_U(b + L_HIGH)]:
-            st[_U(b + L_HIGH)] = st[_U(src + L_HIGH)]
-        if st[_U(src + L_LOW)] < st[_U(b + L_LOW)]:
-            st[_U(b + L_LOW)] = st[_U(src + L_LOW)]
+        # unconditional stores of max/min compile to conditional moves: whether a bar makes a
+        # new high or low is data, and a mispredicted branch per level cost more than the store
+        st[_U(b + L_HIGH)] = max(st[_U(b + L_HIGH)], st[_U(src + L_HIGH)])
+        st[_U(b + L_LOW)] = min(st[_U(b + L_LOW)], st[_U(src + L_LOW)])
         st[_U(b + L_VOLUME)] += st[_U(src + L_VOLUME)]
         st[_U(b + L_COUNT)] += st[_U(src + L_COUNT)]
     st[_U(b + L_CLOSE)] = st[_U(src + L_CLOSE)]
@@ -410,10 +410,8 @@ def aggregate(series, ts, op, hi, lo, cl, vol, start, st, out):
                 st[_U(b + L_VOLUME)] = np.int64(v)
                 st[_U(b + L_COUNT)] = 1
             else:
-                if h > st[_U(b + L_HIGH)]:
-                    st[_U(b + L_HIGH)] = h
-                if lw < st[_U(b + L_LOW)]:
-                    st[_U(b + L_LOW)] = lw
+                st[_U(b + L_HIGH)] = max(st[_U(b + L_HIGH)], h)
+                st[_U(b + L_LOW)] = min(st[_U(b + L_LOW)], lw)
                 st[_U(b + L_CLOSE)] = c
                 st[_U(b + L_VOLUME)] += np.int64(v)
                 st[_U(b + L_COUNT)] += 1
