@@ -362,7 +362,7 @@ class Epoch:
             if not keep.any():
                 return
             idx = np.flatnonzero(keep)
-            b = _take(b, idx)
+            b = b.take(idx)
         last_end = int(b.ts_event.max()) + self.interval_ns
         self.closer.records(last_end)
         self.d.counters.records += len(b)
@@ -587,11 +587,3 @@ def _merge(parts: list[LiveRecords]) -> LiveRecords:
     return LiveRecords(batch, records, parts[-1].last_ts_event, sum(p.unmapped for p in parts))
 
 
-def _take(b: RecordBatch, idx: np.ndarray) -> RecordBatch:
-    price_shared = b.open is b.close
-    o = b.open[idx]
-    return RecordBatch(
-        b.kind, b.series[idx], b.ts_event[idx], o,
-        o if price_shared else b.high[idx], o if price_shared else b.low[idx],
-        o if price_shared else b.close[idx], b.volume[idx],
-    )

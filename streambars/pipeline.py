@@ -146,10 +146,7 @@ class ResumeFilter:
         if keep.all():
             return batch
         self.skipped += int((~keep).sum())
-        return RecordBatch(
-            batch.kind, series[keep], batch.ts_event[keep], batch.open[keep], batch.high[keep],
-            batch.low[keep], batch.close[keep], batch.volume[keep],
-        )
+        return batch.take(keep)
 
 
 @dataclass

@@ -83,6 +83,18 @@ class RecordBatch:
             self.volume[start:stop],
         )
 
+    def take(self, index: np.ndarray) -> RecordBatch:
+        """The rows an integer index or boolean mask selects (a copy); trades keep one
+        shared price array."""
+        o = self.open[index]
+        if self.open is self.close:
+            return RecordBatch(self.kind, self.series[index], self.ts_event[index], o, o, o, o,
+                               self.volume[index])
+        return RecordBatch(
+            self.kind, self.series[index], self.ts_event[index], o, self.high[index],
+            self.low[index], self.close[index], self.volume[index],
+        )
+
     @classmethod
     def empty(cls, kind: str) -> RecordBatch:
         i8 = np.empty(0, np.int64)
