@@ -23,7 +23,7 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -31,7 +31,7 @@ from typing import Any, TextIO
 import anyio
 
 from . import archive
-from .config import Settings, load_api_key
+from .config import Settings, check_timeframes_fit, load_api_key
 from .engine import Aggregator
 from .errors import CostLimitError, UsageError
 from .observe import Progress, TerminalProgress, get_logger
@@ -48,7 +48,7 @@ from .pipeline import (
     run_pipeline,
     unwrapped,
 )
-from .records import INPUT_INTERVAL_NS, INPUT_KINDS, SeriesRegistry
+from .records import INPUT_KINDS, SeriesRegistry
 from .rules import RECORD_RULE_NAMES
 from .sources import dbnfile
 from .sources.historical import UnknownSymbolError
@@ -136,17 +136,6 @@ def run_backfill(settings: Settings, options: BackfillOptions, out: TextIO = sys
             return 0
     print_summary(result, settings, out)
     return 0
-
-
-def _check_timeframes_fit(settings: Settings) -> None:
-    """The input interval must divide every timeframe (ohlcv-1m cannot make 1s bars)."""
-    step = INPUT_INTERVAL_NS[settings.databento.schema] // 1_000_000_000
-    bad = [t.name for t in settings.bars.timeframes if step and t.seconds % step]
-    if bad:
-        raise UsageError(
-            f"timeframes {', '.join(bad)} cannot be built from {settings.databento.schema} records; "
-            f"use timeframes that are multiples of {step} s (--timeframes)"
-        )
 
 
 def backfill_historical(
@@ -296,7 +285,7 @@ def _run(
         )
     finally:
         terminal.close()
-    _collect(engine, registry, result, settings)
+    _collect(engine, result)
     result.seconds = time.monotonic() - t0
     return result
 
@@ -337,10 +326,8 @@ def ingest_dbn_files(settings: Settings, paths: list[Path], out: TextIO = sys.st
         raise UsageError(f"--from-dbn files mix schemas {sorted(schemas)}; ingest one schema at a time")
     dataset, schema = datasets.pop(), schemas.pop()
     stype = infos[0].stype_in or settings.databento.stype_in
-    from dataclasses import replace
-
     settings = replace(settings, databento=replace(settings.databento, dataset=dataset, schema=schema))
-    _check_timeframes_fit(settings)
+    check_timeframes_fit(schema, settings.bars.timeframes)
     registry = SeriesRegistry()
     writers = make_writers(settings, dataset, stype)
     result = BackfillResult(chunks_total=len(paths))
@@ -356,10 +343,10 @@ def ingest_dbn_files(settings: Settings, paths: list[Path], out: TextIO = sys.st
         end_ns = max((i.end_ns for i in infos if i.end_ns), default=None)
 
         async def source() -> AsyncIterator[PipelineItem]:
-            for p in sorted(paths, key=lambda q: dbnfile.describe(q).start_ns or 0):
-                async for batch in _decode(p, registry, schema, stype, None, resume):
+            for info in sorted(infos, key=lambda i: i.start_ns or 0):
+                async for batch in _decode(info.path, registry, schema, stype, None, resume):
                     yield batch
-                log.info("file done", path=str(p), **result.stats.progress.fields())
+                log.info("file done", path=str(info.path), **result.stats.progress.fields())
             if end_ns is not None:
                 yield FlushUntil(end_ns)
             else:
@@ -370,7 +357,7 @@ def ingest_dbn_files(settings: Settings, paths: list[Path], out: TextIO = sys.st
         _run_with_signals(
             run_pipeline(source(), engine, writers, registry, stats=result.stats, queue_size=BACKFILL_QUEUE)
         )
-        _collect(engine, registry, result, settings)
+        _collect(engine, result)
     finally:
         writers.close_all()
     result.seconds = time.monotonic() - t0
@@ -405,7 +392,8 @@ def _run_with_signals(coro: Any) -> None:
         raise KeyboardInterrupt
 
 
-def _collect(engine: Aggregator, registry: SeriesRegistry, result: BackfillResult, settings: Settings) -> None:
+def _collect(engine: Aggregator, result: BackfillResult) -> None:
+    """Bars per timeframe and validation counts of a finished run, into the result."""
     per_tf = result.stats.per_timeframe
     result.bars_per_timeframe = {
         tf.name: int(per_tf[k]) if k < len(per_tf) else 0 for k, tf in enumerate(engine.timeframes)

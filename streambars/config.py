@@ -16,8 +16,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .records import INPUT_KINDS
-from .rules import RECORD_RULE_NAMES, RULES, Policy
+from .records import INPUT_INTERVAL_NS, INPUT_KINDS
+from .rules import RECORD_RULE_NAMES, Policy
 from .timeframes import (
     STANDARD_TIMEFRAMES,
     Session,
@@ -320,25 +320,26 @@ def load_settings(
     return settings
 
 
-def _cross_check(s: Settings) -> None:
-    finest = s.bars.timeframes[0]
-    if s.databento.schema == "ohlcv-1m" and finest.seconds < 60:
+def check_timeframes_fit(schema: str, timeframes: tuple[Timeframe, ...]) -> None:
+    """Every timeframe must be a whole multiple of the input's interval (ohlcv-1m cannot make
+    1s bars); used on the configured schema and on the schema a DBN file turns out to hold."""
+    step = INPUT_INTERVAL_NS[schema] // 1_000_000_000
+    bad = [t.name for t in timeframes if step and t.seconds % step]
+    if bad:
         raise ConfigError(
             "bars.timeframes",
-            [t.name for t in s.bars.timeframes],
-            "timeframes of 1min or longer with schema ohlcv-1m (1m bars cannot make finer bars)",
+            bad,
+            f"multiples of the {schema} input interval ({step} s): {schema} records cannot "
+            "make finer bars",
         )
-    if s.databento.schema != "trades":
-        step = 60 if s.databento.schema == "ohlcv-1m" else 1
-        bad = [t.name for t in s.bars.timeframes if t.seconds % step]
-        if bad:
-            raise ConfigError("bars.timeframes", bad, f"multiples of the input interval ({step} s)")
+
+
+def _cross_check(s: Settings) -> None:
+    check_timeframes_fit(s.databento.schema, s.bars.timeframes)
     if s.live.reconnect_max_s < s.live.reconnect_min_s:
         raise ConfigError(
             "live.reconnect_max_s", s.live.reconnect_max_s, "at least live.reconnect_min_s"
         )
-    for rule, _ in s.validation.rules:
-        assert rule in RULES
 
 
 def load_api_key(env_file: str | Path | None = ".env", required: bool = True) -> str | None:
