@@ -38,6 +38,7 @@ import numpy as np
 import zstandard
 
 from .errors import StoreError
+from .ledger import parse_stamp
 from .naming import symbol_to_filename
 from .observe import get_logger
 from .store.layout import fsync_path
@@ -76,10 +77,11 @@ def _file_stem(month: str | date | datetime, key: str | None) -> str:
         return m
     start, sep, end = key.partition("/")
     try:
-        date.fromisoformat(start)
-        date.fromisoformat(end)
+        parse_stamp(start)
+        parse_stamp(end)
     except ValueError:
-        raise ValueError(f"archive key {key!r} is neither YYYY-MM nor YYYY-MM-DD/YYYY-MM-DD") from None
+        raise ValueError(f"archive key {key!r} is neither YYYY-MM nor START/END stamps "
+                         "(YYYY-MM-DD or YYYY-MM-DDTHH-MM-SS[.nnnnnnnnn])") from None
     if not sep or not start.startswith(m):
         raise ValueError(f"archive key {key!r} does not lie in month {m}")
     return f"{start}_{end}"

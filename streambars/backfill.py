@@ -19,6 +19,10 @@ leaving a truncated final bar in the store.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
 import signal
 import sys
 import time
@@ -29,30 +33,37 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import anyio
+import numpy as np
+import zstandard
 
 from . import archive
 from .config import Settings, check_timeframes_fit, load_api_key
 from .engine import Aggregator
+from .engine.kernel import S_LAST
 from .errors import CostLimitError, UsageError
+from .ledger import EMPTY, LIVE, NS, Ledger, Span, span_key
 from .observe import Progress, TerminalProgress, get_logger
 from .pipeline import (
+    ENGINE_STATE,
+    PROGRESS,
     Checkpoint,
-    Finish,
     FlushUntil,
     PipelineItem,
     PipelineStats,
     ResumeFilter,
+    decode_state,
     make_engine,
     make_writers,
-    restore_engine,
     run_pipeline,
     unwrapped,
 )
-from .records import INPUT_KINDS, SeriesRegistry
+from .records import INPUT_INTERVAL_NS, INPUT_KINDS, RecordBatch, SeriesRegistry
+from .resume import live_archive_head
 from .rules import RECORD_RULE_NAMES
 from .sources import dbnfile
 from .sources.historical import UnknownSymbolError
 from .store import StoreWriterSet
+from .store.layout import file_path
 
 log = get_logger("streambars.backfill")
 
@@ -80,6 +91,14 @@ class Chunk:
     month: str  # YYYY-MM
     start: datetime
     end: datetime
+
+    @property
+    def start_ns(self) -> int:
+        return int(self.start.timestamp()) * NS
+
+    @property
+    def end_ns(self) -> int:
+        return int(self.end.timestamp()) * NS
 
     @property
     def key(self) -> str:
@@ -129,13 +148,139 @@ def plan_chunks(symbols: Sequence[str], start: datetime, end: datetime) -> list[
 def run_backfill(settings: Settings, options: BackfillOptions, out: TextIO = sys.stdout) -> int:
     """The command: plan, check cost, run the pipeline, print the summary. Returns exit code."""
     if options.from_dbn:
-        result = ingest_dbn_files(settings, [Path(p) for p in options.from_dbn], out=out)
+        result = ingest_dbn_files(settings, [Path(p) for p in options.from_dbn], out=out, end=options.end)
     else:
         result = backfill_historical(settings, options, out=out)
-        if result is None:  # dry run
-            return 0
+    if result is None:  # dry run
+        return 0
     print_summary(result, settings, out)
     return 0
+
+
+# ----------------------------------------------------------------------------- what goes in
+
+
+@dataclass(frozen=True)
+class Item:
+    """One input to aggregate: an archive file, and per symbol the spans of it that count.
+
+    Only records inside their symbol's spans reach the engine, so an input that overlaps what
+    a file already holds adds just the new part (see :mod:`streambars.ledger`)."""
+
+    path: Path | None  # None: nothing to read (an empty span)
+    spans: dict[str, tuple[tuple[int, int], ...]]
+    source: str  # the ledger's name for it (relative to <store>/<dataset>/raw/), LIVE or EMPTY
+    end_known: bool
+    label: str
+    fetch: bool = False  # Historical: download [start, end) of the one symbol first
+    by_symbol: bool = True  # a per-symbol archive file: every record is that symbol's
+
+    @property
+    def start(self) -> int:
+        return min(a for spans in self.spans.values() for a, _ in spans)
+
+    @property
+    def end(self) -> int:
+        return max(b for spans in self.spans.values() for _, b in spans)
+
+
+@dataclass
+class FileState:
+    """What planning read from a symbol's existing file (nothing for a new symbol)."""
+
+    note: dict[str, Any] = field(default_factory=dict)
+    state: bytes | None = None
+    ledger: Ledger = field(default_factory=Ledger)
+
+
+def _raw_root(settings: Settings, dataset: str) -> Path:
+    return Path(settings.store.path) / dataset / "raw"
+
+
+def read_file_states(
+    settings: Settings, writers: StoreWriterSet, dataset: str, symbols: Sequence[str]
+) -> dict[str, FileState]:
+    """Each symbol's ledger, note and engine state, from files that exist (none is created).
+
+    Opening an existing file takes its writer lock, so a daemon or another backfill writing it
+    is named now, before anything is downloaded or paid for."""
+    root = Path(settings.store.path)
+    raw = _raw_root(settings, dataset)
+    states: dict[str, FileState] = {}
+    for name in symbols:
+        w = writers.existing(name)
+        if w is None:
+            states[name] = FileState()
+            continue
+        blob = w.read_meta(ENGINE_STATE)
+        text = w.read_meta(PROGRESS)
+        note = json.loads(text) if text else {}
+
+        def legacy(key: str, n: str = name) -> str:
+            return str(archive.path(root, dataset, n, key[:7], key).relative_to(raw))
+
+        ledger = Ledger.from_note(note, legacy)
+        if blob:
+            last = int(decode_state(blob)["series"][S_LAST])
+            ledger.engine_mark = last + 1 if last >= 0 else 0
+        live = dict(note.get("live") or {})
+        if "last_ts" in live:
+            head = live_archive_head(root, dataset, name)
+            if head is not None and head <= int(live["last_ts"]):
+                ledger.live = Span(head, int(live["last_ts"]) + 1, LIVE, False)
+        states[name] = FileState(note, blob, ledger)
+    return states
+
+
+def _check_fits(states: dict[str, FileState], writers: StoreWriterSet, settings: Settings) -> None:
+    """A file built from one input schema (or trade clock) refuses another: one line naming it."""
+    schema, clock = settings.databento.schema, settings.bars.trade_clock
+    for name, fs in states.items():
+        ledger = fs.ledger
+        if fs.state is not None and ledger.schema is None:  # written before the ledger said it
+            ledger.schema = _state_schema(fs.state)
+        why = ledger.check_builds(file_path(writers.root, writers.dataset, name), schema, clock)
+        if why:
+            raise UsageError(why)
+
+
+def _state_schema(blob: bytes) -> str | None:
+    """The input schema an engine state was built from (its input interval says it)."""
+    interval = int(decode_state(blob)["layout"][3])
+    return {v: k for k, v in INPUT_INTERVAL_NS.items()}.get(interval)
+
+
+def _rebuild_items(settings: Settings, dataset: str, symbol: str, ledger: Ledger) -> list[Item]:
+    """What a rebuild of ``symbol`` reads: every span its ledger holds, from the raw archive."""
+    raw = _raw_root(settings, dataset)
+    items: list[Item] = []
+    for span in ledger.sources():
+        spans = {symbol: ((span.start, span.end),)}
+        label = f"{span_key(span.start, span.end)} {symbol}"
+        if span.source == EMPTY:
+            items.append(Item(None, spans, EMPTY, span.end_known, label))
+        elif span.source == LIVE:
+            for p in sorted(archive.raw_dir(settings.store.path, dataset, symbol).glob("*" + archive.LIVE_SUFFIX)):
+                items.append(Item(p, spans, LIVE, False, f"{label} (live)"))
+        else:
+            p = raw / span.source
+            if not p.is_file():
+                raise UsageError(
+                    f"{file_path(settings.store.path, dataset, symbol)} must be rebuilt to take earlier "
+                    f"history, but the raw archive lacks {p} (its records from "
+                    f"{_iso(span.start)} to {_iso(span.end)}); restore that file, or backfill into "
+                    "a new --store"
+                )
+            items.append(Item(p, spans, span.source, span.end_known, label,
+                              by_symbol=not span.source.startswith(INPUTS_DIR + "/")))
+    return items
+
+
+def _iso(ns: int) -> str:
+    return datetime.fromtimestamp(ns / 1e9, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ----------------------------------------------------------------------------- Historical
 
 
 def backfill_historical(
@@ -149,22 +294,40 @@ def backfill_historical(
     start, end = parse_day(options.start, "start"), parse_day(options.end, "end")
     chunks = plan_chunks(db.symbols, start, end)
     root = settings.store.path
-    registry = SeriesRegistry(list(db.symbols))
+    raw = _raw_root(settings, db.dataset)
     writers = make_writers(settings, db.dataset, db.stype_in)
     result = BackfillResult(chunks_total=len(chunks))
     try:
-        engine = make_engine(settings, registry)
-        progress = restore_engine(engine, writers, registry)
-        todo = [c for c in chunks if c.key not in progress.get(c.symbol, {}).get("done", [])]
-        result.chunks_skipped = len(chunks) - len(todo)
-        need = [
-            c for c in todo
-            if options.force or not archive.exists(root, db.dataset, c.symbol, c.month, c.key)
-        ]
+        states = read_file_states(settings, writers, db.dataset, db.symbols)
+        _check_fits(states, writers, settings)
+        forced: set[str] = set()
+        if options.force:  # what this range holds is downloaded and aggregated afresh
+            lo, hi = int(start.timestamp()) * NS, int(end.timestamp()) * NS
+            for name, fs in states.items():
+                keep = [s for s in fs.ledger.spans if not (lo <= s.start and s.end <= hi)]
+                if len(keep) != len(fs.ledger.spans):
+                    fs.ledger.spans = keep
+                    forced.add(name)
+        new: dict[str, list[Item]] = {name: [] for name in db.symbols}
+        items: list[Item] = []  # months outermost, so every symbol advances together
+        for c in chunks:
+            parts = states[c.symbol].ledger.missing(c.start_ns, c.end_ns)
+            result.chunks_skipped += not parts
+            for a, b in parts:
+                key = span_key(a, b)
+                path = archive.path(root, db.dataset, c.symbol, c.month, key)
+                item = Item(path, {c.symbol: ((a, b),)}, str(path.relative_to(raw)), True,
+                            f"{key} {c.symbol}", fetch=True)
+                new[c.symbol].append(item)
+                items.append(item)
+        need = [i for i in items if options.force or not i.path.exists()]  # type: ignore[union-attr]
+        rebuild = [n for n in db.symbols if new[n] and (n in forced or new[n][0].start < states[n].ledger.frontier())]
+        rebuild += [n for n in forced if n not in rebuild]
         print(
             f"plan: {len(chunks)} chunk(s) ({len(db.symbols)} symbol(s) x months), "
-            f"{result.chunks_skipped} already in the store, {len(todo) - len(need)} from the "
-            f"raw archive, {len(need)} to download",
+            f"{result.chunks_skipped} already in the store, {len(items) - len(need)} from the "
+            f"raw archive, {len(need)} to download"
+            + (f"; {len(rebuild)} file(s) to rebuild with earlier history: {', '.join(rebuild)}" if rebuild else ""),
             file=out,
         )
         client = None
@@ -176,7 +339,7 @@ def backfill_historical(
             # Resolve over the whole range first (free): a symbol unknown for the entire range
             # is the user's mistake; one that merely did not trade in some month is not.
             _, not_found = client.resolve_symbols(
-                db.dataset, sorted({c.symbol for c in need}), db.stype_in, start, end
+                db.dataset, sorted({next(iter(i.spans)) for i in need}), db.stype_in, start, end
             )
             if not_found:
                 raise UnknownSymbolError(
@@ -185,7 +348,7 @@ def backfill_historical(
                     "and --dataset",
                     tuple(not_found),
                 )
-            cost = _cost(client, db, chunks, need)
+            cost = _cost(client, db, items, need)
             print(f"cost of the download: ${cost:,.2f} (limit ${db.max_cost:,.2f})", file=out)
             if options.dry_run:
                 return None
@@ -197,117 +360,291 @@ def backfill_historical(
         elif options.dry_run:
             print("nothing to download: no cost", file=out)
             return None
-        done = {name: list(note.get("done", [])) for name, note in progress.items()}
-        result = _run(settings, engine, writers, registry, todo, done, client, options.force, end, result)
+        fetch = {id(i) for i in need}
+        appended = [n for n in db.symbols if new[n] and n not in rebuild]
+        run = Runner(settings, db.dataset, db.stype_in, writers, states, client, result)
+        if appended:
+            run.append([i for i in items if next(iter(i.spans)) in appended], fetch,
+                       flush_end=int(end.timestamp()) * NS)
+        for name in rebuild:
+            ledger = Ledger(schema=states[name].ledger.schema, trade_clock=states[name].ledger.trade_clock,
+                            spans=list(states[name].ledger.spans), live=states[name].ledger.live)
+            for i in new[name]:
+                ledger.add(Span(i.start, i.end, i.source, True))
+            run.rebuild(name, ledger, fetch_items={i.source: i for i in new[name] if id(i) in fetch})
     finally:
         writers.close_all()
     return result
 
 
-def _cost(client: Any, db: Any, chunks: list[Chunk], need: list[Chunk]) -> float:
+def _cost(client: Any, db: Any, items: list[Item], need: list[Item]) -> float:
     """What downloading ``need`` costs: one request for a whole fresh plan, else one per
-    month (with that month's missing symbols), so archived months are not priced again."""
-    if len(need) == len(chunks):
-        symbols = list(dict.fromkeys(c.symbol for c in need))
-        return client.get_cost(db.dataset, symbols, db.schema, db.stype_in, chunks[0].start, chunks[-1].end)
-    by_month: dict[tuple[datetime, datetime], list[str]] = {}
-    for c in need:
-        by_month.setdefault((c.start, c.end), []).append(c.symbol)
+    span (with that span's missing symbols), so archived or stored spans are not priced again."""
+    if len(need) == len(items):
+        symbols = list(dict.fromkeys(next(iter(i.spans)) for i in need))
+        return client.get_cost(db.dataset, symbols, db.schema, db.stype_in, min(i.start for i in need),
+                               max(i.end for i in need))
+    by_span: dict[tuple[int, int], list[str]] = {}
+    for i in need:
+        by_span.setdefault((i.start, i.end), []).append(next(iter(i.spans)))
     return sum(
-        client.get_cost(db.dataset, symbols, db.schema, db.stype_in, start, end)
-        for (start, end), symbols in by_month.items()
+        client.get_cost(db.dataset, symbols, db.schema, db.stype_in, a, b)
+        for (a, b), symbols in by_span.items()
     )
 
 
-def _run(
-    settings: Settings,
-    engine: Aggregator,
-    writers: StoreWriterSet,
-    registry: SeriesRegistry,
-    todo: list[Chunk],
-    done_keys: dict[str, list[str]],
-    client: Any,
-    force: bool,
-    range_end: datetime,
-    result: BackfillResult,
-) -> BackfillResult:
-    db = settings.databento
-    root = settings.store.path
-    progress = Progress(units_total=len(todo))
-    terminal = TerminalProgress(progress)
-    t0 = time.monotonic()
+# ----------------------------------------------------------------------------- running
 
-    async def source() -> AsyncIterator[PipelineItem]:
-        ready_send, ready_recv = anyio.create_memory_object_stream[tuple[Chunk, Path | None]](2)
 
-        async def download() -> None:
-            async with ready_send:
-                for chunk in todo:
-                    path = archive.month_path(root, db.dataset, chunk.symbol, chunk.month, chunk.key)
-                    if client is not None and (force or not path.exists()):
-                        log.info("downloading", symbol=chunk.symbol, month=chunk.key)
-                        try:
-                            await anyio.to_thread.run_sync(
-                                lambda c=chunk, p=path: client.download_month(
-                                    db.dataset, c.symbol, db.schema, db.stype_in, c.start, c.end, p
+class Runner:
+    """Runs items through the pipeline: appended to files as they are, or rebuilt from the
+    archive into a new file that then replaces the old one."""
+
+    def __init__(self, settings: Settings, dataset: str, stype: str, writers: StoreWriterSet,
+                 states: dict[str, FileState], client: Any, result: BackfillResult):
+        self.settings, self.dataset, self.stype = settings, dataset, stype
+        self.writers, self.states, self.client, self.result = writers, states, client, result
+        self.schema = settings.databento.schema
+        self.clock = settings.bars.trade_clock
+        self.t0 = time.monotonic()
+
+    def _ledger_note(self, name: str, ledger: Ledger) -> dict[str, Any]:
+        ledger.schema = self.schema
+        ledger.trade_clock = self.clock if self.schema == "trades" else None
+        return ledger.to_note(self.states.get(name, FileState()).note)
+
+    def append(self, items: list[Item], fetch: set[int], flush_end: int | None) -> None:
+        """Aggregate ``items`` onto the files as they stand (the saved engine state goes on)."""
+        names = list(dict.fromkeys(n for i in items for n in i.spans))
+        registry = SeriesRegistry(names)
+        engine = make_engine(self.settings, registry)
+        for name in names:
+            fs = self.states.setdefault(name, FileState())
+            if fs.state:
+                engine.set_series_state(registry.index(name), decode_state(fs.state))
+        ledgers = {n: self.states[n].ledger for n in names}
+        self._run(items, fetch, engine, self.writers, registry, ledgers, flush_end,
+                  ResumeFilter(engine, len(registry)))
+
+    def rebuild(self, name: str, ledger: Ledger, fetch_items: dict[str, Item]) -> None:
+        """Aggregate every span of ``ledger`` from the archive (downloading the new ones) in
+        time order into a new file, then swap it in: one in-order run over the union."""
+        items = _rebuild_items_or_fetch(self.settings, self.dataset, name, ledger, fetch_items)
+        tmp_root = Path(self.settings.store.path) / self.dataset / f".rebuild-{os.getpid()}"
+        _remove_dead_rebuilds(Path(self.settings.store.path) / self.dataset)
+        shutil.rmtree(tmp_root, ignore_errors=True)
+        registry = SeriesRegistry([name])
+        engine = make_engine(self.settings, registry)
+        built = Ledger(live=ledger.live)
+        tmp_writers = make_writers(replace(self.settings, store=replace(self.settings.store, path=tmp_root)),
+                                   self.dataset, self.stype)
+        log.info("rebuilding with earlier history", symbol=name, spans=len(items))
+        try:
+            try:
+                self._run(items, {id(i) for i in items if i.fetch}, engine, tmp_writers, registry,
+                          {name: built}, ledger.known_end(), None)
+                tmp_writers.writer(name)  # a symbol with no bars at all still gets its file
+            finally:
+                tmp_writers.close_all()
+            self.writers.writer(name).replace_contents(file_path(tmp_root, self.dataset, name))
+        finally:
+            shutil.rmtree(tmp_root, ignore_errors=True)
+        self.states[name].ledger = built
+
+    def _run(self, items: list[Item], fetch: set[int], engine: Aggregator, writers: StoreWriterSet,
+             registry: SeriesRegistry, ledgers: dict[str, Ledger], flush_end: int | None,
+             resume: ResumeFilter | None) -> None:
+        db, result = self.settings.databento, self.result
+        progress = Progress(units_total=len(items))
+        terminal = TerminalProgress(progress)
+        client = self.client
+
+        async def source() -> AsyncIterator[PipelineItem]:
+            ready_send, ready_recv = anyio.create_memory_object_stream[tuple[Item, Path | None]](2)
+
+            async def download() -> None:
+                async with ready_send:
+                    for item in items:
+                        path = item.path
+                        if id(item) in fetch and client is not None:
+                            (symbol, ((a, b),)), = item.spans.items()
+                            log.info("downloading", symbol=symbol, span=item.label)
+                            try:
+                                await anyio.to_thread.run_sync(
+                                    lambda s=symbol, a=a, b=b, p=path: client.download_month(
+                                        db.dataset, s, db.schema, db.stype_in, a, b, p
+                                    )
                                 )
-                            )
-                        except UnknownSymbolError:
-                            # Resolved for the range, not for this month (not listed yet, or
-                            # expired): an empty month, nothing archived, marked done.
-                            log.warning("symbol not listed this month", symbol=chunk.symbol, month=chunk.key)
-                            path = None
-                        result.chunks_downloaded += 1
-                    await ready_send.send((chunk, path))
+                            except UnknownSymbolError:
+                                # Resolved for the range, not for this span (not listed yet, or
+                                # expired): nothing there, nothing archived, covered all the same.
+                                log.warning("symbol not listed in this span", symbol=symbol, span=item.label)
+                                path = None
+                            result.chunks_downloaded += 1
+                        await ready_send.send((item, path))
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(download)
-            async with ready_recv:
-                async for chunk, path in ready_recv:
-                    if path is not None:
-                        async for batch in _decode(path, registry, db.schema, db.stype_in, chunk.symbol, resume):
-                            yield batch
-                            terminal.update(f"{chunk.key} {chunk.symbol}")
-                    done_keys.setdefault(chunk.symbol, []).append(chunk.key)
-                    yield Checkpoint(
-                        (chunk.symbol,), {chunk.symbol: {"done": sorted(set(done_keys[chunk.symbol]))}}
-                    )
-                    progress.units_done += 1
-                    log.info("month done", symbol=chunk.symbol, month=chunk.key, **progress.fields())
-            yield FlushUntil(int(range_end.timestamp()) * 1_000_000_000)
-            yield Checkpoint(tuple(registry.names))
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(download)
+                async with ready_recv:
+                    async for item, path in ready_recv:
+                        if path is not None:
+                            async for batch in _decode(item, path, registry, self.schema, self.stype,
+                                                       self.clock, resume):
+                                yield batch
+                                terminal.update(item.label)
+                        for name, spans in item.spans.items():
+                            if item.source != LIVE:
+                                for a, b in spans:
+                                    ledgers[name].add(Span(a, b, item.source if path else EMPTY, item.end_known))
+                        notes = {n: self._ledger_note(n, ledgers[n]) for n in item.spans}
+                        yield Checkpoint(tuple(item.spans), notes)
+                        progress.units_done += 1
+                        log.info("month done", month=item.label, **progress.fields())
+                if flush_end is not None:
+                    yield FlushUntil(flush_end)
+                names = tuple(ledgers)
+                yield Checkpoint(names, {n: self._ledger_note(n, ledgers[n]) for n in names})
 
-    result.stats.progress = progress
-    resume = ResumeFilter(engine, len(registry))
-    try:
-        _run_with_signals(
-            run_pipeline(source(), engine, writers, registry, stats=result.stats, queue_size=BACKFILL_QUEUE)
-        )
-    finally:
-        terminal.close()
-    _collect(engine, result)
-    result.seconds = time.monotonic() - t0
-    return result
+        result.stats.progress = progress
+        try:
+            _run_with_signals(
+                run_pipeline(source(), engine, writers, registry, stats=result.stats, queue_size=BACKFILL_QUEUE)
+            )
+        finally:
+            terminal.close()
+        _collect(engine, result)
+        result.seconds = time.monotonic() - self.t0
+
+
+def _rebuild_items_or_fetch(settings: Settings, dataset: str, name: str, ledger: Ledger,
+                            fetch_items: dict[str, Item]) -> list[Item]:
+    """The rebuild's items: archived spans as they are, spans still to download as fetches."""
+    fetched = {src: i for src, i in fetch_items.items()}
+    archived = Ledger(spans=[s for s in ledger.spans if s.source not in fetched], live=ledger.live)
+    items = _rebuild_items(settings, dataset, name, archived) + list(fetched.values())
+    return sorted(items, key=lambda i: i.start)
+
+
+def _remove_dead_rebuilds(directory: Path) -> None:
+    """Rebuild folders of processes that died mid-way (the real file was never touched)."""
+    for d in directory.glob(".rebuild-*"):
+        pid = d.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not archive._pid_alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
 
 
 async def _decode(
-    path: Path, registry: SeriesRegistry, schema: str, stype_in: str, symbol: str | None,
-    resume: ResumeFilter,
+    item: Item, path: Path, registry: SeriesRegistry, schema: str, stype_in: str, clock: str,
+    resume: ResumeFilter | None,
 ) -> AsyncIterator[PipelineItem]:
-    """Decode one DBN file in bounded batches off the event loop, minus what is already done."""
-    it: Iterator = dbnfile.iter_batches(path, registry, expected_schema=schema, stype_in=stype_in, symbol=symbol)
+    """Decode one input in bounded batches off the event loop, keeping only the records inside
+    their symbol's spans (and, after a restart, past what the engine already holds)."""
+    symbol = next(iter(item.spans)) if item.by_symbol else None
+    if item.source == LIVE:
+        it: Iterator = _live_batches(path, registry, schema, symbol or "", clock)
+    else:
+        it = dbnfile.iter_batches(path, registry, expected_schema=schema, stype_in=stype_in, symbol=symbol,
+                                  trade_clock=clock)
+    keep = SpanFilter(item.spans, registry)
     sentinel = object()
     while True:
         batch = await anyio.to_thread.run_sync(next, it, sentinel)
         if batch is sentinel:
             return
-        batch = resume(batch)
+        batch = keep(batch)
+        if resume is not None:
+            batch = resume(batch)
         if len(batch):
             yield batch
 
 
-def ingest_dbn_files(settings: Settings, paths: list[Path], out: TextIO = sys.stdout) -> BackfillResult:
-    """`--from-dbn`: DBN files the user already has; no API key, same pipeline."""
+def _live_batches(path: Path, registry: SeriesRegistry, schema: str, symbol: str, clock: str) -> Iterator[RecordBatch]:
+    """What the daemon archived for ``symbol`` (a cut-off last frame is left out, as on resume)."""
+    contents = archive.read_live_file(path)
+    dtype = dbnfile.record_dtype(schema, int(contents.metadata.version), bool(contents.metadata.ts_out))
+    arr = np.frombuffer(contents.records, dtype=dtype)
+    series = np.full(len(arr), registry.index(symbol), np.int32)
+    for lo in range(0, len(arr), dbnfile.CHUNK_RECORDS):
+        part, ser = arr[lo:lo + dbnfile.CHUNK_RECORDS], series[lo:lo + dbnfile.CHUNK_RECORDS]
+        yield (RecordBatch.from_trades(ser, part, clock) if schema == "trades"
+               else RecordBatch.from_ohlcv(schema, ser, part))
+
+
+class SpanFilter:
+    """Keeps the records whose time lies in their symbol's spans; drops every other record."""
+
+    def __init__(self, spans: dict[str, tuple[tuple[int, int], ...]], registry: SeriesRegistry):
+        self.spans, self.registry = spans, registry
+
+    def __call__(self, batch: RecordBatch) -> RecordBatch:
+        if not len(batch):
+            return batch
+        names = self.registry.names
+        ts = batch.ts_event
+        series = batch.series
+        first = int(series[0])
+        if (series == first).all():
+            spans = self.spans.get(names[first], ())
+            if len(spans) == 1 and spans[0][0] <= int(ts.min()) and int(ts.max()) < spans[0][1]:
+                return batch
+        keep = np.zeros(len(batch), bool)
+        for s in np.unique(series).tolist():
+            mine = series == s
+            for a, b in self.spans.get(names[s], ()):
+                keep |= mine & (ts >= a) & (ts < b)
+        return batch if keep.all() else batch.take(keep)
+
+
+# ----------------------------------------------------------------------------- DBN files
+
+
+INPUTS_DIR = "_inputs"
+
+
+def _file_span(path: Path, schema: str, clock: str) -> tuple[int, int]:
+    """(records, one past the last record's time): reads the whole file, which also proves it
+    whole (a corrupt or cut-off file is refused here, before anything is written)."""
+    n, last = 0, -1
+    field_name = clock if schema == "trades" else "ts_event"
+    for _, arr in dbnfile.iter_records(path, expected_schema=schema):
+        n += len(arr)
+        if len(arr):
+            last = max(last, int(arr[field_name].max()))
+    return n, last + 1
+
+
+def _keep_input(raw: Path, path: Path) -> str:
+    """Copy a DBN file the user gave into the raw archive (compressed, named by its content),
+    so a later rebuild can read it again; returns its ledger source."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    stem = path.name.split(".")[0] or "input"
+    rel = f"{INPUTS_DIR}/{stem}-{digest.hexdigest()[:16]}.dbn.zst"
+    dest = raw / rel
+    if dest.is_file():
+        return rel
+    with open(path, "rb") as src:
+        if src.read(4) == b"\x28\xb5\x2f\xfd":
+            src.seek(0)
+            archive.write_atomic(dest, src)
+        else:
+            src.seek(0)
+            cctx = zstandard.ZstdCompressor(level=3)
+            archive.write_atomic(dest, cctx.read_to_iter(src))
+    return rel
+
+
+def ingest_dbn_files(
+    settings: Settings, paths: list[Path], out: TextIO = sys.stdout, end: str | None = None
+) -> BackfillResult:
+    """`--from-dbn`: DBN files the user already has; no API key, same pipeline.
+
+    Each file covers ``[Metadata start, end)`` where the end is the Metadata end of a
+    compressed file (a zstd frame cut short is detected), else -- a live capture, or a plain
+    file that may have been cut at a record boundary -- one past its last record, unless
+    ``end`` ('YYYY-MM-DD') declares the inputs complete up to then."""
     for p in paths:
         if not p.is_file():
             raise UsageError(f"--from-dbn {p}: no such file")
@@ -325,42 +662,59 @@ def ingest_dbn_files(settings: Settings, paths: list[Path], out: TextIO = sys.st
     if len(schemas) != 1:
         raise UsageError(f"--from-dbn files mix schemas {sorted(schemas)}; ingest one schema at a time")
     dataset, schema = datasets.pop(), schemas.pop()
+    assert schema is not None
     stype = infos[0].stype_in or settings.databento.stype_in
     settings = replace(settings, databento=replace(settings.databento, dataset=dataset, schema=schema))
     check_timeframes_fit(schema, settings.bars.timeframes)
-    registry = SeriesRegistry()
+    declared_end = int(parse_day(end, "end").timestamp()) * NS if end else None
+    clock = settings.bars.trade_clock
+    spans: list[tuple[dbnfile.DbnInfo, int, int, bool]] = []
+    for info in infos:
+        _, proven = _file_span(info.path, schema, clock)
+        known = info.compressed and info.end_ns is not None
+        stop = info.end_ns if known else proven
+        if declared_end is not None and declared_end >= stop:
+            stop, known = declared_end, True
+        spans.append((info, info.start_ns, max(stop, info.start_ns), known))
+    spans.sort(key=lambda s: s[1])
+    names = list(dict.fromkeys(n for info in infos for n in info.symbols))
     writers = make_writers(settings, dataset, stype)
     result = BackfillResult(chunks_total=len(paths))
-    t0 = time.monotonic()
+    raw = _raw_root(settings, dataset)
     try:
-        engine = make_engine(settings, registry)
-        # Restore saved state for every symbol these files hold, so reruns are idempotent.
-        for info in infos:
-            for name in info.symbols:
-                registry.index(name)
-        restore_engine(engine, writers, registry)
-        resume = ResumeFilter(engine, len(registry))
-        end_ns = max((i.end_ns for i in infos if i.end_ns), default=None)
-
-        async def source() -> AsyncIterator[PipelineItem]:
-            for info in sorted(infos, key=lambda i: i.start_ns or 0):
-                async for batch in _decode(info.path, registry, schema, stype, None, resume):
-                    yield batch
-                log.info("file done", path=str(info.path), **result.stats.progress.fields())
-            if end_ns is not None:
-                yield FlushUntil(end_ns)
-            else:
-                yield Finish()
-            yield Checkpoint(tuple(registry.names))
-
+        states = read_file_states(settings, writers, dataset, names)
+        _check_fits(states, writers, settings)
         print(f"ingesting {len(paths)} DBN file(s): {dataset} {schema}", file=out)
-        _run_with_signals(
-            run_pipeline(source(), engine, writers, registry, stats=result.stats, queue_size=BACKFILL_QUEUE)
-        )
-        _collect(engine, result)
+        items: list[Item] = []
+        for info, a, b, known in spans:
+            parts = {n: tuple(states[n].ledger.missing(a, b)) for n in info.symbols}
+            parts = {n: p for n, p in parts.items() if p}
+            if not parts:
+                log.info("already in the store", path=str(info.path))
+                result.chunks_skipped += 1
+                continue
+            source = _keep_input(raw, info.path)
+            items.append(Item(raw / source, parts, source, known, info.path.name, by_symbol=False))
+        rebuild = sorted({n for i in items for n, p in i.spans.items()
+                          if p[0][0] < states[n].ledger.frontier()})
+        if rebuild:
+            print(f"{len(rebuild)} file(s) to rebuild with earlier history: {', '.join(rebuild)}", file=out)
+        run = Runner(settings, dataset, stype, writers, states, None, result)
+        appended = [i for i in items if set(i.spans) - set(rebuild)]
+        if appended:
+            trimmed = [replace(i, spans={n: p for n, p in i.spans.items() if n not in rebuild}) for i in appended]
+            last = max(trimmed, key=lambda i: i.end)
+            run.append(trimmed, set(), last.end if last.end_known else None)
+        for name in rebuild:
+            ledger = states[name].ledger
+            ledger = Ledger(spans=list(ledger.spans), schema=ledger.schema, trade_clock=ledger.trade_clock,
+                            live=ledger.live)
+            for i in items:
+                for a, b in i.spans.get(name, ()):
+                    ledger.add(Span(a, b, i.source, i.end_known))
+            run.rebuild(name, ledger, {})
     finally:
         writers.close_all()
-    result.seconds = time.monotonic() - t0
     return result
 
 
@@ -402,7 +756,7 @@ def _collect(engine: Aggregator, result: BackfillResult) -> None:
     for j, name in enumerate(RECORD_RULE_NAMES):
         total = int(counts[:, j].sum()) if counts.size else 0
         if total:
-            result.violations[name] = total
+            result.violations[name] = result.violations.get(name, 0) + total
 
 
 def print_summary(result: BackfillResult, settings: Settings, out: TextIO) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .records import INPUT_INTERVAL_NS, INPUT_KINDS
+from .records import INPUT_INTERVAL_NS, INPUT_KINDS, TRADE_CLOCKS
 from .rules import RECORD_RULE_NAMES, Policy
 from .timeframes import (
     STANDARD_TIMEFRAMES,
@@ -57,6 +57,10 @@ class BarSettings:
         default_factory=lambda: parse_timeframes(list(STANDARD_TIMEFRAMES))
     )
     session: Session = field(default_factory=lambda: Session.parse("17:00 America/Chicago"))
+    #: Which timestamp of a trade picks its bar: "ts_recv" (Databento's own OHLCV is built
+    #: that way, and DBN trades files are ordered and cut by it) or "ts_event" (the matching
+    #: engine's time). A store file records the clock that built it and refuses the other.
+    trade_clock: str = "ts_recv"
 
 
 @dataclass(frozen=True)
@@ -202,6 +206,8 @@ def _convert(key: str, value: Any) -> Any:  # noqa: C901 - one flat table of key
                 return Session.parse(_expect(key, value, str, "'HH:MM Zone/Name'"))
             except ValueError as e:
                 raise ConfigError(key, value, str(e)) from None
+        case "bars.trade_clock":
+            return _choice(key, value, TRADE_CLOCKS)
         case "store.path":
             return Path(_expect(key, value, str, "a directory path"))
         case "store.chunk_rows":

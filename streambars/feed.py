@@ -278,7 +278,7 @@ class Epoch:
             gateway=db.live_gateway or None, start=start, registry=self.registry,
             batch_max_records=lv.batch_max_records, batch_max_ms=lv.batch_max_ms,
             heartbeat_interval_s=lv.heartbeat_interval_s, heartbeat_timeout_s=lv.heartbeat_timeout_s,
-            queue_size=lv.queue_size,
+            queue_size=lv.queue_size, trade_clock=self.settings.bars.trade_clock,
         )
 
     async def _pump(self, session: LiveSession, start: int | None, backoff: Backoff) -> str:

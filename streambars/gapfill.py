@@ -79,7 +79,7 @@ async def fill_from_historical(epoch: Epoch, start: int, end: int) -> bool:
                 _, arr = item  # type: ignore[misc]
                 ser = np.full(len(arr), series, dtype=np.int32)
                 if db.schema == "trades":
-                    batch = RecordBatch.from_trades(ser, arr)
+                    batch = RecordBatch.from_trades(ser, arr, epoch.settings.bars.trade_clock)
                 else:
                     batch = RecordBatch.from_ohlcv(db.schema, ser, arr)
                 await epoch._records(LiveRecords(batch, arr, int(arr["ts_event"][-1])))

@@ -20,6 +20,10 @@ INPUT_KINDS: tuple[str, ...] = ("ohlcv-1s", "ohlcv-1m", "trades")
 FIXED_PRICE_SCALE = 1_000_000_000
 UNDEF_PRICE = np.iinfo(np.int64).max
 
+#: Which timestamp of a trade decides its bar (and its order and lateness): Databento builds
+#: its own OHLCV from trades by ``ts_recv``; ``ts_event`` is the matching engine's time.
+TRADE_CLOCKS: tuple[str, ...] = ("ts_recv", "ts_event")
+
 #: How long one input record spans, by kind (0: trades are instants, not intervals).
 INPUT_INTERVAL_NS: dict[str, int] = {
     "ohlcv-1s": 1_000_000_000,
@@ -115,13 +119,18 @@ class RecordBatch:
         )
 
     @classmethod
-    def from_trades(cls, series: np.ndarray, arr: np.ndarray) -> RecordBatch:
-        """From a DBN trades structured array; price is shared by open/high/low/close."""
+    def from_trades(cls, series: np.ndarray, arr: np.ndarray, clock: str = "ts_recv") -> RecordBatch:
+        """From a DBN trades structured array; price is shared by open/high/low/close.
+
+        ``clock`` names the field that becomes the batch's time (``ts_event`` column): by
+        default ``ts_recv``, as Databento's own OHLCV bars are built (see TRADE_CLOCKS)."""
+        if clock not in TRADE_CLOCKS:
+            raise ValueError(f"trade clock {clock!r} is not one of {', '.join(TRADE_CLOCKS)}")
         price = np.ascontiguousarray(arr["price"], dtype=np.int64)
         return cls(
             "trades",
             np.ascontiguousarray(series, dtype=np.int32),
-            np.ascontiguousarray(arr["ts_event"]).astype(np.int64, copy=False),
+            np.ascontiguousarray(arr[clock]).astype(np.int64, copy=False),
             price,
             price,
             price,

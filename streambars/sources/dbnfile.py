@@ -412,13 +412,15 @@ def iter_batches(
     symbol: str | None = None,
     instrument_symbols: Mapping[int, str] | None = None,
     chunk_records: int = CHUNK_RECORDS,
+    trade_clock: str = "ts_recv",
 ) -> Iterator[RecordBatch]:
     """Decode ``path`` into RecordBatch chunks with series indices from ``registry``.
 
     ``symbol``: the stored symbol every record belongs to (an archive file holds one requested
     symbol); ignored for ``parent``. ``stype_in``: used when the Metadata has none.
     ``instrument_symbols``: instrument_id -> raw symbol for parent files (default: the
-    archive sidecar). Raises SourceError as :func:`iter_records` does.
+    archive sidecar). ``trade_clock``: the timestamp a trade is binned by (records.TRADE_CLOCKS).
+    Raises SourceError as :func:`iter_records` does.
     """
     p = Path(path)
     resolver: _Resolver | None = None
@@ -433,6 +435,6 @@ def iter_batches(
         day_src = arr["ts_recv"] if kind == "trades" else arr["ts_event"]
         series = resolver.series(arr["instrument_id"], day_src)
         if kind == "trades":
-            yield RecordBatch.from_trades(series, arr)
+            yield RecordBatch.from_trades(series, arr, trade_clock)
         else:
             yield RecordBatch.from_ohlcv(kind, series, arr)  # type: ignore[arg-type]

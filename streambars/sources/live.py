@@ -184,6 +184,7 @@ class LiveSession:
         heartbeat_timeout_s: float | None = None,
         queue_size: int = 64,
         compression: str = "none",
+        trade_clock: str = "ts_recv",
     ):
         if schema not in INPUT_KINDS:
             raise SourceError(f"live schema {schema!r}: streambars reads {', '.join(INPUT_KINDS)}")
@@ -193,6 +194,7 @@ class LiveSession:
         self.symbols = list(symbols)
         self.host, self.port = parse_gateway(gateway)
         self.start = start
+        self.trade_clock = trade_clock
         self.registry = registry if registry is not None else SeriesRegistry()
         self.batch_max_records = batch_max_records
         self.batch_max_s = batch_max_ms / 1000.0
@@ -359,7 +361,7 @@ class LiveSession:
                 return None
         series = self._map_series[pos]
         if self.schema == "trades":
-            batch = RecordBatch.from_trades(series, arr)
+            batch = RecordBatch.from_trades(series, arr, self.trade_clock)
         else:
             batch = RecordBatch.from_ohlcv(self.schema, series, arr)
         return LiveRecords(batch, arr, int(arr["ts_event"][-1]), unmapped)
