@@ -58,8 +58,11 @@ def _weekdays(a: str, b: str) -> list[date]:
 
 @pytest.fixture
 def market(fake_historical):
+    return build_market(fake_historical)
+
+
+def build_market(fake):
     """ES.c.0 rolls from instrument 101 to 102 on 2024-02-15; NQ.c.0 is 201 throughout."""
-    fake = fake_historical
     days = _weekdays("2024-01-02", "2024-03-29")
     es_days_a = [d for d in days if d < ROLL]
     es_days_b = [d for d in days if d >= ROLL]

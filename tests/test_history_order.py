@@ -16,7 +16,7 @@ from streambars.store import open_store
 from streambars.synthetic import dbn_bytes, write_dbn
 
 from .fakes import make_ohlcv, make_trades
-from .test_backfill import DATASET, START, _args, _assert_store_matches, _ns, _snapshot, market  # noqa: F401
+from .test_backfill import DATASET, START, _args, _assert_store_matches, _ns, _snapshot, build_market
 
 NS = 1_000_000_000
 SESSION = "17:00 America/Chicago"
@@ -35,6 +35,11 @@ def _assert_same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
 
 
 # ----------------------------------------------------------------------------- Historical
+
+
+@pytest.fixture
+def market(fake_historical):
+    return build_market(fake_historical)
 
 
 def _hist(store, market, start, end, *extra):
