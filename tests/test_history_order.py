@@ -16,7 +16,15 @@ from streambars.store import open_store
 from streambars.synthetic import dbn_bytes, write_dbn
 
 from .fakes import make_ohlcv, make_trades
-from .test_backfill import DATASET, START, _args, _assert_store_matches, _ns, _snapshot, build_market
+from .test_backfill import (
+    DATASET,
+    START,
+    _args,
+    _assert_store_matches,
+    _ns,
+    _snapshot,
+    build_market,
+)
 
 NS = 1_000_000_000
 SESSION = "17:00 America/Chicago"
