@@ -227,7 +227,10 @@ def read_file_states(
         if "last_ts" in live:
             head = live_archive_head(root, dataset, name)
             if head is not None and head <= int(live["last_ts"]):
-                ledger.live = Span(head, int(live["last_ts"]) + 1, LIVE, False)
+                # The daemon covered from its first record until the time it proved closed
+                # (the wall clock or END_OF_INTERVAL), or at least to its last record.
+                last, flushed = int(live["last_ts"]) + 1, int(live.get("flushed_until", 0))
+                ledger.live = Span(head, max(last, flushed), LIVE, flushed >= last)
         states[name] = FileState(note, blob, ledger)
     return states
 

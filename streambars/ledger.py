@@ -138,7 +138,7 @@ class Ledger:
         out = list(self.spans)
         if self.live is not None:
             for a, b in subtract(self.live.start, self.live.end, [(s.start, s.end) for s in self.spans]):
-                out.append(Span(a, b, LIVE, False))
+                out.append(Span(a, b, LIVE, self.live.end_known and b == self.live.end))
         return sorted(out)
 
     def known_end(self) -> int | None:

@@ -3,6 +3,8 @@ Historical API and from DBN files, ends with the bars of one in-order run over t
 
 from __future__ import annotations
 
+import json
+from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from streambars.cli import main
-from streambars.store import open_store
+from streambars.store import StoreWriterSet, open_store
 from streambars.synthetic import dbn_bytes, write_dbn
+from streambars.timeframes import Session, parse_timeframes
 
 from .fakes import make_ohlcv, make_trades
 from .test_backfill import (
@@ -299,3 +302,105 @@ def test_zstd_helper_round_trip(tmp_path):
     kept = list((tmp_path / "s" / "GLBX.MDP3" / "raw" / INPUTS_DIR).glob("*.dbn.zst"))
     assert len(kept) == 1
     assert zstandard.ZstdDecompressor().decompressobj().decompress(kept[0].read_bytes()) == plain.read_bytes()
+
+
+# ----------------------------------------------------------------------------- beside the daemon
+
+
+def test_backfilling_the_day_before_the_daemon_started(tmp_path, fake_historical, api_key, monkeypatch):
+    """The daemon recorded from START_NS on; a backfill of the day before is merged under it:
+    every timeframe equals one in-order run over both, and only the missing day is paid for."""
+    import signal as sig
+
+    from streambars import archive
+    from streambars.config import load_settings
+
+    from .daemon_support import (
+        START_NS,
+        Daemon,
+        es_nq_records,
+        make_gateway,
+        read_bars,
+        reference_bars,
+        row_counts,
+        wait_for,
+        write_config,
+    )
+
+    live = {"ES.c.0": es_nq_records(2000)["ES.c.0"]}
+    fake = make_gateway(live, rate=20000.0, heartbeat_interval=0.2)
+    store = tmp_path / "store"
+    cfg = write_config(tmp_path / "c.toml", fake.gateway, store, symbols=["ES.c.0"],
+                       timeframes=["1s", "1min", "1h", "1d"])
+    try:
+        d = Daemon(tmp_path, cfg)
+        wait_for(lambda: row_counts(store, "ES.c.0").get("1s", 0) >= len(live["ES.c.0"]) - 1, 60,
+                 "every live second stored", daemon=d)
+        wait_for(lambda: row_counts(store, "ES.c.0").get("1h", 0) >= 1, 30, "the wall clock closing the hour",
+                 daemon=d)
+        d.signal(sig.SIGTERM)
+        assert d.wait(30) == 0, d.log_text()[-3000:]
+    finally:
+        fake.stop()
+    assert archive.live_path(store, "GLBX.MDP3", "ES.c.0", "2024-01").exists()
+
+    day_before = make_ohlcv(1, START_NS - 5 * 3600 * NS, 3000, seed=9, price=4690.0)
+    fake_historical.add_instrument("GLBX.MDP3", 1, "ESH4", date(2023, 12, 1), date(2024, 6, 1))
+    fake_historical.add_continuous("GLBX.MDP3", "ES.c.0", [(date(2023, 12, 1), date(2024, 6, 1), 1)])
+    fake_historical.add_records("GLBX.MDP3", "ohlcv-1s", day_before)
+    monkeypatch.setenv("DATABENTO_API_KEY", api_key)
+    rc = main(["backfill", "--config", str(cfg), "--start", "2024-01-01", "--end", "2024-01-03", "--yes",
+               "--historical-gateway", fake_historical.url, "--env-file", "/nonexistent", "--log-format", "json"])
+    assert rc == 0
+    ranges = [r for r in fake_historical.requests if "get_range" in r[0]]
+    assert len(ranges) == 1  # the day before the daemon, nothing it already recorded
+
+    # The reference ends where the daemon proved time had got to (its wall-clock flush).
+    with StoreWriterSet(store, "GLBX.MDP3", "continuous", parse_timeframes(TFS.split(",")), Session.parse(SESSION)) as ws:
+        flushed = json.loads(ws.writer("ES.c.0").read_meta("progress"))["live"]["flushed_until"]
+    settings = load_settings(cfg)
+    ref = reference_bars(settings, {"ES.c.0": np.concatenate([day_before, live["ES.c.0"]])}, ["ES.c.0"],
+                         finish=False, flush_until=flushed)["ES.c.0"]
+    got = read_bars(store, "ES.c.0", swmr=False)
+    for tf in ("1s", "1min", "1h", "1d"):
+        np.testing.assert_array_equal(got[tf], ref[tf], err_msg=tf)
+
+
+_READER = """
+import sys
+from streambars.store import open_store
+r = open_store(sys.argv[1])
+def n(): return len(r.read("ES", "1s", dataset="GLBX.MDP3"))
+print(n(), flush=True)
+sys.stdin.readline()
+print(n(), flush=True)
+r.refresh()
+print(n(), flush=True)
+"""
+
+
+def test_a_reader_holding_the_file_keeps_its_view_and_a_new_one_sees_the_merge(week, tmp_path):
+    """The reader is another process (HDF5: one process holds a file to read or to write)."""
+    import subprocess
+    import sys
+
+    cuts = _cut_points(week, 2, 3)
+    late = _piece(tmp_path, week, cuts[1], cuts[-1], "late.dbn.zst")
+    early = _piece(tmp_path, week, cuts[0], cuts[1], "early.dbn.zst")
+    store = tmp_path / "store"
+    assert _ingest(store, late) == 0
+    proc = subprocess.Popen([sys.executable, "-c", _READER, str(store)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        before = int(proc.stdout.readline())
+        assert _ingest(store, early) == 0  # rebuilt and swapped in while the reader holds it
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        held, refreshed = int(proc.stdout.readline()), int(proc.stdout.readline())
+    finally:
+        proc.kill()
+        proc.wait()
+    assert held == before  # the old file stays whole for whoever holds it open
+    with open_store(store) as fresh:
+        merged = len(fresh.read("ES", "1s", dataset="GLBX.MDP3"))
+    assert refreshed == merged > before
