@@ -29,7 +29,7 @@ def ohlcv_batch(records: np.ndarray, kind: str = "ohlcv-1s") -> RecordBatch:
 
 
 def trades_batch(records: np.ndarray) -> RecordBatch:
-    return RecordBatch.from_trades(records["instrument_id"].astype(np.int32) - 1, records)
+    return RecordBatch.from_trades(records["instrument_id"].astype(np.int32) - 1, records, clock="ts_event")
 
 
 def run_engine(agg: Aggregator, batch: RecordBatch, chunk: int | None = None) -> np.ndarray:

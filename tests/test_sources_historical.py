@@ -167,7 +167,7 @@ def test_trades_partial_month_and_redownload(src: HistoricalSource, hist: FakeHi
     want = _expected(hist, "trades", "raw_symbol", "NQH4", a, b)
     assert res.records == len(want) > 100
     got = np.concatenate([x.ts_event for x in dbnfile.iter_batches(dest, SeriesRegistry(), expected_schema="trades")])
-    assert (got == want["ts_event"].astype(np.int64)).all()
+    assert (got == want["ts_recv"].astype(np.int64)).all()  # the trade clock (bars.trade_clock)
     inode = dest.stat().st_ino
     src.download_month(DS, "NQH4", "trades", "raw_symbol", a, b, dest)  # --force: replaced atomically
     assert dest.stat().st_ino != inode and dbnfile.scan(dest).records == len(want)
