@@ -1,20 +1,22 @@
-"""`streambars backfill`: history, month by month, into the store — resume-safe, paid once.
+"""`streambars backfill`: history into the store, in any order, resume-safe, paid once.
 
-The plan is a list of (month, symbol) chunks. For each chunk:
+Planning reads each symbol's ledger (:mod:`streambars.ledger`) from its file, if the file
+exists (nothing is created until the inputs are checked), and keeps only the spans of the
+requested range the file has not ingested: only those are priced and downloaded.
 
-1. *download* (its own task, running ahead): if the raw archive already holds that month
-   it is not requested again (``--force`` re-downloads); otherwise ``timeseries.get_range``
-   streams it into the archive atomically. Cost is asked for and checked first.
-2. *decode* the archived DBN into numpy record batches;
-3. the shared pipeline aggregates every timeframe and appends to the store; after the
-   chunk's last batch a :class:`~streambars.pipeline.Checkpoint` stores the engine state and
-   marks the month done in the symbol's file, in the same flush as its bars.
+Each input then becomes an :class:`Item` (an archive file and, per symbol, the spans of it
+that count) and goes through the shared pipeline one of two ways:
 
-A rerun skips months marked done, restores the engine state of the last one, and redoes
-a month cut off mid-way (rows already stored are not written twice: high-water marks).
-At the end, bars whose interval closed by ``--end`` are written; bars that reach past it
-stay open in the saved state, so extending the range later completes them instead of
-leaving a truncated final bar in the store.
+* **append** -- every new span starts at or after what the file holds: the saved engine state
+  continues, and after each item a :class:`~streambars.pipeline.Checkpoint` stores the engine
+  state and the grown ledger in the same flush as its bars;
+* **rebuild** -- a span reaches earlier: every span of the ledger, old and new, is read back
+  from the raw archive in time order into a new file, which replaces the old one atomically.
+
+Downloads run one item ahead in their own task and land in the raw archive atomically, so a
+killed run redoes at most the item in progress and never pays twice. Bars an input cannot
+prove closed (past ``--end``, or past the last record of an input without a known end) stay
+open in the saved state for the next input to complete.
 """
 
 from __future__ import annotations

@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _source_flags(p)
     p.add_argument("--start", help="first day (YYYY-MM-DD or YYYY-MM), inclusive")
-    p.add_argument("--end", help="end day (YYYY-MM-DD or YYYY-MM), exclusive")
+    p.add_argument("--end", help="end day (YYYY-MM-DD or YYYY-MM), exclusive; with --from-dbn: declare "
+                   "the files complete up to it (closes the bars that end by then)")
     p.add_argument("--historical-gateway", metavar="URL", help="Historical API base URL")
     p.add_argument("--max-cost", type=float, metavar="USD", help="stop if the cost is above this")
     p.add_argument("--yes", action="store_true", help="proceed even above --max-cost")
