@@ -63,9 +63,10 @@ from .records import INPUT_INTERVAL_NS, INPUT_KINDS, RecordBatch, SeriesRegistry
 from .resume import live_archive_head
 from .rules import RECORD_RULE_NAMES
 from .sources import dbnfile
+from .sources.dbnfile import PUBLISHER_SEPARATOR, base_symbol
 from .sources.historical import UnknownSymbolError
 from .store import StoreWriterSet
-from .store.layout import file_path
+from .store.layout import file_path, filename_to_symbol, store_files
 
 log = get_logger("streambars.backfill")
 
@@ -188,65 +189,81 @@ class Item:
 
 @dataclass
 class FileState:
-    """What planning read from a symbol's existing file (nothing for a new symbol)."""
+    """What planning read from a symbol's existing file(s) (nothing for a new symbol).
 
-    note: dict[str, Any] = field(default_factory=dict)
-    state: bytes | None = None
+    ``files``: stored file name -> (progress note, engine state): the symbol's own file, or
+    with ``bars.per_publisher`` its ``SYMBOL@VENUE`` files (which all keep the same ledger)."""
+
     ledger: Ledger = field(default_factory=Ledger)
+    files: dict[str, tuple[dict[str, Any], bytes | None]] = field(default_factory=dict)
+
+    def note(self, name: str) -> dict[str, Any]:
+        return self.files.get(name, ({}, None))[0]
 
 
 def _raw_root(settings: Settings, dataset: str) -> Path:
     return Path(settings.store.path) / dataset / "raw"
 
 
+def _publisher_files(root: Path, dataset: str, symbol: str) -> list[str]:
+    """The ``SYMBOL@VENUE`` files a per-publisher store holds for ``symbol``."""
+    found = [filename_to_symbol(p.name) for p in store_files(root / dataset)] if (root / dataset).is_dir() else []
+    return sorted(n for n in found if PUBLISHER_SEPARATOR in n and base_symbol(n) == symbol)
+
+
 def read_file_states(
     settings: Settings, writers: StoreWriterSet, dataset: str, symbols: Sequence[str]
 ) -> dict[str, FileState]:
-    """Each symbol's ledger, note and engine state, from files that exist (none is created).
+    """Each symbol's ledger, notes and engine states, from files that exist (none is created).
 
     Opening an existing file takes its writer lock, so a daemon or another backfill writing it
     is named now, before anything is downloaded or paid for."""
     root = Path(settings.store.path)
     raw = _raw_root(settings, dataset)
     states: dict[str, FileState] = {}
-    for name in symbols:
-        w = writers.existing(name)
-        if w is None:
-            states[name] = FileState()
+    for symbol in symbols:
+        names = _publisher_files(root, dataset, symbol) if settings.bars.per_publisher else [symbol]
+        files: dict[str, tuple[dict[str, Any], bytes | None]] = {}
+        for name in names:
+            w = writers.existing(name)
+            if w is not None:
+                text = w.read_meta(PROGRESS)
+                files[name] = (json.loads(text) if text else {}), w.read_meta(ENGINE_STATE)
+        if not files:
+            states[symbol] = FileState()
             continue
-        blob = w.read_meta(ENGINE_STATE)
-        text = w.read_meta(PROGRESS)
-        note = json.loads(text) if text else {}
 
-        def legacy(key: str, n: str = name) -> str:
+        def legacy(key: str, n: str = symbol) -> str:
             return str(archive.path(root, dataset, n, key[:7], key).relative_to(raw))
 
+        note = next(iter(files.values()))[0]
         ledger = Ledger.from_note(note, legacy)
-        if blob:
-            last = int(decode_state(blob)["series"][S_LAST])
-            ledger.engine_mark = last + 1 if last >= 0 else 0
+        for _, blob in files.values():
+            last = int(decode_state(blob)["series"][S_LAST]) if blob else -1
+            ledger.engine_mark = max(ledger.engine_mark, last + 1)
         live = dict(note.get("live") or {})
         if "last_ts" in live:
-            head = live_archive_head(root, dataset, name)
+            head = live_archive_head(root, dataset, symbol)
             if head is not None and head <= int(live["last_ts"]):
                 # The daemon covered from its first record until the time it proved closed
                 # (the wall clock or END_OF_INTERVAL), or at least to its last record.
                 last, flushed = int(live["last_ts"]) + 1, int(live.get("flushed_until", 0))
                 ledger.live = Span(head, max(last, flushed), LIVE, flushed >= last)
-        states[name] = FileState(note, blob, ledger)
+        states[symbol] = FileState(ledger, files)
     return states
 
 
 def _check_fits(states: dict[str, FileState], writers: StoreWriterSet, settings: Settings) -> None:
     """A file built from one input schema (or trade clock) refuses another: one line naming it."""
     schema, clock = settings.databento.schema, settings.bars.trade_clock
-    for name, fs in states.items():
-        ledger = fs.ledger
-        if fs.state is not None and ledger.schema is None:  # written before the ledger said it
-            ledger.schema = _state_schema(fs.state)
-        why = ledger.check_builds(file_path(writers.root, writers.dataset, name), schema, clock)
-        if why:
-            raise UsageError(why)
+    for fs in states.values():
+        for name, (_, blob) in fs.files.items():
+            ledger = fs.ledger
+            if blob is not None and ledger.schema is None:  # written before the ledger said it
+                ledger.schema = _state_schema(blob)
+            why = ledger.check_builds(file_path(writers.root, writers.dataset, name), schema, clock)
+            if why:
+                raise UsageError(why)
 
 
 def _state_schema(blob: bytes) -> str | None:
@@ -413,10 +430,22 @@ class Runner:
         self.clock = settings.bars.trade_clock
         self.t0 = time.monotonic()
 
-    def _ledger_note(self, name: str, ledger: Ledger) -> dict[str, Any]:
+    def _ledger_note(self, file: str, symbol: str, ledger: Ledger) -> dict[str, Any]:
         ledger.schema = self.schema
         ledger.trade_clock = self.clock if self.schema == "trades" else None
-        return ledger.to_note(self.states.get(name, FileState()).note)
+        return ledger.to_note(self.states.get(symbol, FileState()).note(file))
+
+    def _files(self, symbol: str, registry: SeriesRegistry) -> list[str]:
+        """The stored files of ``symbol``: itself, or its ``SYMBOL@VENUE`` files seen so far."""
+        if not self.settings.bars.per_publisher:
+            return [symbol]
+        seen = {n for n in registry.names if PUBLISHER_SEPARATOR in n and base_symbol(n) == symbol}
+        return sorted(seen | set(self.states.get(symbol, FileState()).files))
+
+    def _checkpoint(self, symbols: Sequence[str], registry: SeriesRegistry,
+                    ledgers: dict[str, Ledger]) -> Checkpoint:
+        notes = {f: self._ledger_note(f, s, ledgers[s]) for s in symbols for f in self._files(s, registry)}
+        return Checkpoint(tuple(notes), notes)
 
     def append(self, items: list[Item], fetch: set[int], flush_end: int | None) -> None:
         """Aggregate ``items`` onto the files as they stand (the saved engine state goes on)."""
@@ -424,9 +453,9 @@ class Runner:
         registry = SeriesRegistry(names)
         engine = make_engine(self.settings, registry)
         for name in names:
-            fs = self.states.setdefault(name, FileState())
-            if fs.state:
-                engine.set_series_state(registry.index(name), decode_state(fs.state))
+            for file, (_, blob) in self.states.setdefault(name, FileState()).files.items():
+                if blob:
+                    engine.set_series_state(registry.index(file), decode_state(blob))
         ledgers = {n: self.states[n].ledger for n in names}
         self._run(items, fetch, engine, self.writers, registry, ledgers, flush_end,
                   ResumeFilter(engine, len(registry)))
@@ -448,10 +477,13 @@ class Runner:
             try:
                 self._run(items, {id(i) for i in items if i.fetch}, engine, tmp_writers, registry,
                           {name: built}, ledger.known_end(), None)
-                tmp_writers.writer(name)  # a symbol with no bars at all still gets its file
+                files = self._files(name, registry)
+                for file in files:
+                    tmp_writers.writer(file)  # a file with no bars at all is still rebuilt
             finally:
                 tmp_writers.close_all()
-            self.writers.writer(name).replace_contents(file_path(tmp_root, self.dataset, name))
+            for file in files:
+                self.writers.writer(file).replace_contents(file_path(tmp_root, self.dataset, file))
         finally:
             shutil.rmtree(tmp_root, ignore_errors=True)
         self.states[name].ledger = built
@@ -494,21 +526,19 @@ class Runner:
                     async for item, path in ready_recv:
                         if path is not None:
                             async for batch in _decode(item, path, registry, self.schema, self.stype,
-                                                       self.clock, resume):
+                                                       self.clock, resume, self.settings.bars.per_publisher):
                                 yield batch
                                 terminal.update(item.label)
                         for name, spans in item.spans.items():
                             if item.source != LIVE:
                                 for a, b in spans:
                                     ledgers[name].add(Span(a, b, item.source if path else EMPTY, item.end_known))
-                        notes = {n: self._ledger_note(n, ledgers[n]) for n in item.spans}
-                        yield Checkpoint(tuple(item.spans), notes)
+                        yield self._checkpoint(list(item.spans), registry, ledgers)
                         progress.units_done += 1
                         log.info("month done", month=item.label, **progress.fields())
                 if flush_end is not None:
                     yield FlushUntil(flush_end)
-                names = tuple(ledgers)
-                yield Checkpoint(names, {n: self._ledger_note(n, ledgers[n]) for n in names})
+                yield self._checkpoint(list(ledgers), registry, ledgers)
 
         result.stats.progress = progress
         try:
@@ -540,7 +570,7 @@ def _remove_dead_rebuilds(directory: Path) -> None:
 
 async def _decode(
     item: Item, path: Path, registry: SeriesRegistry, schema: str, stype_in: str, clock: str,
-    resume: ResumeFilter | None,
+    resume: ResumeFilter | None, per_publisher: bool = False,
 ) -> AsyncIterator[PipelineItem]:
     """Decode one input in bounded batches off the event loop, keeping only the records inside
     their symbol's spans (and, after a restart, past what the engine already holds)."""
@@ -549,8 +579,8 @@ async def _decode(
         it: Iterator = _live_batches(path, registry, schema, symbol or "", clock)
     else:
         it = dbnfile.iter_batches(path, registry, expected_schema=schema, stype_in=stype_in, symbol=symbol,
-                                  trade_clock=clock)
-    keep = SpanFilter(item.spans, registry)
+                                  trade_clock=clock, per_publisher=per_publisher)
+    keep = SpanFilter(item.spans, registry, per_publisher)
     sentinel = object()
     while True:
         batch = await anyio.to_thread.run_sync(next, it, sentinel)
@@ -578,13 +608,16 @@ def _live_batches(path: Path, registry: SeriesRegistry, schema: str, symbol: str
 class SpanFilter:
     """Keeps the records whose time lies in their symbol's spans; drops every other record."""
 
-    def __init__(self, spans: dict[str, tuple[tuple[int, int], ...]], registry: SeriesRegistry):
-        self.spans, self.registry = spans, registry
+    def __init__(self, spans: dict[str, tuple[tuple[int, int], ...]], registry: SeriesRegistry,
+                 per_publisher: bool = False):
+        self.spans, self.registry, self.per_publisher = spans, registry, per_publisher
 
     def __call__(self, batch: RecordBatch) -> RecordBatch:
         if not len(batch):
             return batch
         names = self.registry.names
+        if self.per_publisher:  # SYMBOL@VENUE series take their symbol's spans
+            names = [base_symbol(n) for n in names]
         ts = batch.ts_event
         series = batch.series
         first = int(series[0])

@@ -61,6 +61,9 @@ class BarSettings:
     #: that way, and DBN trades files are ordered and cut by it) or "ts_event" (the matching
     #: engine's time). A store file records the clock that built it and refuses the other.
     trade_clock: str = "ts_recv"
+    #: One series per (symbol, publisher), stored as ``SYMBOL@VENUE`` (e.g. ``ES.c.0@GLBX``),
+    #: instead of one bar per symbol combining every publisher. Backfill only.
+    per_publisher: bool = False
 
 
 @dataclass(frozen=True)
@@ -206,6 +209,8 @@ def _convert(key: str, value: Any) -> Any:  # noqa: C901 - one flat table of key
                 return Session.parse(_expect(key, value, str, "'HH:MM Zone/Name'"))
             except ValueError as e:
                 raise ConfigError(key, value, str(e)) from None
+        case "bars.per_publisher":
+            return _expect(key, value, bool, "true or false")
         case "bars.trade_clock":
             return _choice(key, value, TRADE_CLOCKS)
         case "store.path":

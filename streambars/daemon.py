@@ -64,6 +64,9 @@ def check_symbols(settings: Settings) -> None:
         raise ConfigError(
             "databento.symbols", [], "at least one symbol (config databento.symbols or --symbols)"
         )
+    if settings.bars.per_publisher:
+        raise ConfigError("bars.per_publisher", True, "false for the live daemon, which combines every "
+                          "publisher of a symbol into its bars; per-publisher series are built by backfill")
 
 
 def check_store_writable(settings: Settings) -> Path:

@@ -404,3 +404,59 @@ def test_a_reader_holding_the_file_keeps_its_view_and_a_new_one_sees_the_merge(w
     with open_store(store) as fresh:
         merged = len(fresh.read("ES", "1s", dataset="GLBX.MDP3"))
     assert refreshed == merged > before
+
+
+# ----------------------------------------------------------------------------- publishers
+
+
+OPRA_SYMBOL = "AAPL  250221C00250000"
+
+
+def _opra(testdata: Path, schema: str) -> np.ndarray:
+    import databento as db
+
+    return db.DBNStore.from_file(testdata / "OPRA.PILLAR" / f"test_data.{schema}.dbn.zst").to_ndarray()
+
+
+def test_per_publisher_series_keep_each_venue_apart(testdata, tmp_path):
+    """bars.per_publisher: one SYMBOL@VENUE series per publisher, each equal to that
+    publisher's own Databento bars; together they hold every publisher's volume."""
+    from streambars.sources.dbnfile import venue
+
+    recs = _opra(testdata, "ohlcv-1m")
+    store = tmp_path / "store"
+    assert main(["backfill", "--store", str(store), "--from-dbn",
+                 str(testdata / "OPRA.PILLAR" / "test_data.ohlcv-1m.dbn.zst"), "--timeframes", "1min,1h",
+                 "--set", "bars.per_publisher=true", "--log-format", "json"]) == 0
+    with open_store(store) as reader:
+        names = reader.symbols("OPRA.PILLAR")
+        assert sorted(names) == sorted(f"{OPRA_SYMBOL}@{venue(p)}" for p in recs["publisher_id"])
+        total = 0
+        for r in recs:
+            got = reader.read(f"{OPRA_SYMBOL}@{venue(r['publisher_id'])}", "1min", dataset="OPRA.PILLAR")
+            assert len(got) == 1
+            assert (got["open"][0], got["close"][0], got["volume"][0]) == (r["open"], r["close"], r["volume"])
+            total += int(got["volume"][0])
+    assert total == int(recs["volume"].sum()) == 189
+
+
+def test_several_publishers_make_one_bar(testdata, tmp_path):
+    """The default: the OPRA samples' publishers of one minute (one second) are one bar."""
+    for schema, tfs in (("ohlcv-1m", "1min,1h"), ("ohlcv-1s", "1s,1min")):
+        recs = _opra(testdata, schema)
+        store = tmp_path / schema
+        assert main(["backfill", "--store", str(store), "--from-dbn",
+                     str(testdata / "OPRA.PILLAR" / f"test_data.{schema}.dbn.zst"), "--timeframes", tfs,
+                     "--log-format", "json"]) == 0
+        with open_store(store) as reader:
+            coarse = reader.read(OPRA_SYMBOL, tfs.split(",")[1], dataset="OPRA.PILLAR")
+            fine = reader.read(OPRA_SYMBOL, tfs.split(",")[0], dataset="OPRA.PILLAR")
+        assert int(coarse["volume"].sum()) == int(recs["volume"].sum())
+        assert int(fine["volume"].sum()) == int(recs["volume"].sum())
+        assert int(fine["count"].sum()) == len(recs)
+        for ts in np.unique(recs["ts_event"]):
+            same = recs[recs["ts_event"] == ts]  # in file order: the first's open, the last's close
+            bar = fine[fine["ts_event"] == ts][0]
+            assert bar["open"] == same["open"][0] and bar["close"] == same["close"][-1]
+            assert bar["high"] == same["high"].max() and bar["low"] == same["low"].min()
+            assert bar["volume"] == same["volume"].sum() and bar["count"] == len(same)

@@ -413,6 +413,7 @@ def iter_batches(
     instrument_symbols: Mapping[int, str] | None = None,
     chunk_records: int = CHUNK_RECORDS,
     trade_clock: str = "ts_recv",
+    per_publisher: bool = False,
 ) -> Iterator[RecordBatch]:
     """Decode ``path`` into RecordBatch chunks with series indices from ``registry``.
 
@@ -420,6 +421,7 @@ def iter_batches(
     symbol); ignored for ``parent``. ``stype_in``: used when the Metadata has none.
     ``instrument_symbols``: instrument_id -> raw symbol for parent files (default: the
     archive sidecar). ``trade_clock``: the timestamp a trade is binned by (records.TRADE_CLOCKS).
+    ``per_publisher``: each (symbol, publisher) its own series ``SYMBOL@VENUE``.
     Raises SourceError as :func:`iter_records` does.
     """
     p = Path(path)
@@ -434,7 +436,37 @@ def iter_batches(
         kind = info.schema
         day_src = arr["ts_recv"] if kind == "trades" else arr["ts_event"]
         series = resolver.series(arr["instrument_id"], day_src)
+        if per_publisher:
+            series = publisher_series(series, arr["publisher_id"], registry)
         if kind == "trades":
             yield RecordBatch.from_trades(series, arr, trade_clock)
         else:
             yield RecordBatch.from_ohlcv(kind, series, arr)  # type: ignore[arg-type]
+
+
+PUBLISHER_SEPARATOR = "@"
+
+
+def venue(publisher_id: int) -> str:
+    """Databento's venue code of a publisher (``GLBX``, ``XCBO``...), or its number."""
+    from databento.common.publishers import Publisher
+
+    try:
+        return str(Publisher.from_int(int(publisher_id)).venue)
+    except (ValueError, KeyError):
+        return str(int(publisher_id))
+
+
+def base_symbol(name: str) -> str:
+    """The symbol a per-publisher series ``SYMBOL@VENUE`` belongs to."""
+    return name.rsplit(PUBLISHER_SEPARATOR, 1)[0]
+
+
+def publisher_series(series: np.ndarray, publisher_id: np.ndarray, registry: SeriesRegistry) -> np.ndarray:
+    """Each record's series moved to its (symbol, publisher) series ``SYMBOL@VENUE``."""
+    key = series.astype(np.int64) << 16 | publisher_id.astype(np.int64)
+    uniq, inverse = np.unique(key, return_inverse=True)
+    names = registry.names
+    out = np.array([registry.index(f"{names[k >> 16]}{PUBLISHER_SEPARATOR}{venue(k & 0xFFFF)}")
+                    for k in uniq.tolist()], np.int32)
+    return out[inverse]
