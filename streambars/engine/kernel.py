@@ -230,11 +230,14 @@ def _flush(until, close_all, first_series, st, out):
     """Close the bars of series ``first_series..`` whose end is <= ``until`` (all if close_all).
 
     Raises each series' late floor to ``until`` (close_all: to the end of the latest bar it
-    closed, so a record that belongs to a closed bar is late, never a second bar). Returns
-    ``(next_series, n_out)``; next_series < number of series means the buffer filled up.
+    closed, so a record that belongs to a closed bar is late, never a second bar). That end
+    is read after the closing cascade: a coarse bar can start during it (a closed finer bar
+    folded into an idle level) and is closed by it too. Returns ``(next_series, n_out)``;
+    next_series < number of series means the buffer filled up.
     """
     n_levels = st[_U(H_LEVELS)]
     n_series = st[_U(H_SERIES)]
+    cfg = st[_U(H_CFG)]
     cap = out.shape[0]
     _reset_marks(st)
     nout = 0
@@ -243,14 +246,15 @@ def _flush(until, close_all, first_series, st, out):
         if nout + n_levels > cap:
             return s, nout
         base = st[_U(H_LV)] + s * n_levels * N_LEVEL_FIELDS
+        mark = -2 - s
+        nout = _advance(st, s, t, mark, True, out, nout)
         floor = until
-        if close_all:
+        if close_all:  # every level the cascade closed carries this series' mark
             floor = -1
             for k in range(n_levels):
-                b = base + k * N_LEVEL_FIELDS
-                if st[_U(b + L_ACTIVE)] != 0 and st[_U(b + L_END)] > floor:
-                    floor = st[_U(b + L_END)]
-        nout = _advance(st, s, t, -2 - s, True, out, nout)
+                end = st[_U(base + k * N_LEVEL_FIELDS + L_END)]
+                if st[_U(cfg + k * N_CFG_FIELDS + C_MARK)] == mark and end > floor:
+                    floor = end
         sb = st[_U(H_SER)] + s * N_SERIES_FIELDS
         if floor > st[_U(sb + S_FLOOR)]:
             st[_U(sb + S_FLOOR)] = floor
