@@ -71,7 +71,8 @@ RECORD_RULES: tuple[Rule, ...] = (
     Rule(
         "ts_not_increasing",
         Severity.ERROR,
-        "timestamp not after the previous one of the series (late or duplicate); never merged",
+        "timestamp before the previous one of the series, or inside a bar already closed (late); "
+        "never merged. An equal timestamp is not late: it folds into the same bar",
         TS_NOT_INCREASING,
         True,
     ),
@@ -127,8 +128,9 @@ def record_violations(
 ) -> np.int64:
     """Bitmask of the per-record rules this record (bar or trade) breaks.
 
-    ``prev_ts`` is the series' last accepted timestamp (-1 if none); bars must be strictly
-    later, trades may share a nanosecond (``strictly_increasing`` False). ``interval_ns`` 0
+    ``prev_ts`` is the series' last accepted timestamp (-1 if none); a record may share it
+    unless ``strictly_increasing`` (the engine and the validator both pass False: trades
+    share nanoseconds, publishers share bar intervals). ``interval_ns`` 0
     skips the alignment check (trades). ``max_volume`` 0 disables the absurd-volume check.
     """
     mask = 0

@@ -31,8 +31,11 @@ TIMEFRAME_SETS = [
 PROPERTY = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def random_stream(seed: int, n: int = 600, n_series: int = 3, kind: str = "ohlcv-1s") -> RecordBatch:
-    """Clean interleaved records: gaps from one second to a weekend, prices on a tick grid."""
+def random_stream(seed: int, n: int = 600, n_series: int = 3, kind: str = "ohlcv-1s", publishers: int = 1) -> RecordBatch:
+    """Clean interleaved records: gaps from one second to a weekend, prices on a tick grid.
+
+    ``publishers`` > 1: each bar comes 1..publishers times with the same ts_event and its own
+    prices and volume, as an instrument's OHLCV does from several venues (they merge)."""
     rng = np.random.default_rng(seed)
     gaps = np.array([1, 1, 1, 1, 2, 3, 5, 9, 31, 61, 299, 3_599, 14_401, 86_400, 200_000])
     series, ts = [], []
@@ -47,6 +50,8 @@ def random_stream(seed: int, n: int = 600, n_series: int = 3, kind: str = "ohlcv
             t[dup] = t[np.flatnonzero(dup) - 1]
         else:
             t = START + secs * S
+            if publishers > 1:
+                t = np.repeat(t, rng.integers(1, publishers + 1, m))[:m]
         series.append(np.full(m, s, np.int32))
         ts.append(t)
     series, ts = np.concatenate(series), np.concatenate(ts)
@@ -107,9 +112,10 @@ def reference(agg: Aggregator, batch: RecordBatch) -> np.ndarray:
     tfs=st.sampled_from(TIMEFRAME_SETS),
     kind=st.sampled_from(["ohlcv-1s", "trades"]),
     split=st.one_of(st.sampled_from([[1], [2], [64]]), st.lists(st.integers(1, 97), min_size=1, max_size=20)),
+    publishers=st.sampled_from([1, 4]),
 )
-def test_batch_size_does_not_change_the_bars(seed, tfs, kind, split):
-    batch = random_stream(seed, kind=kind)
+def test_batch_size_does_not_change_the_bars(seed, tfs, kind, split, publishers):
+    batch = random_stream(seed, kind=kind, publishers=publishers)
     whole = feed(make(tfs, kind), batch)
     assert np.array_equal(feed(make(tfs, kind), batch, split), whole)
 
@@ -122,9 +128,9 @@ def test_a_tiny_output_buffer_streams_any_batch():
 
 @PROPERTY
 @given(seed=st.integers(0, 2**32 - 1), cut=st.floats(0, 1), tfs=st.sampled_from(TIMEFRAME_SETS),
-       kind=st.sampled_from(["ohlcv-1s", "trades"]), whole=st.booleans())
-def test_saving_and_restoring_state_resumes_exactly(seed, cut, tfs, kind, whole):
-    batch = random_stream(seed, kind=kind)
+       kind=st.sampled_from(["ohlcv-1s", "trades"]), whole=st.booleans(), publishers=st.sampled_from([1, 4]))
+def test_saving_and_restoring_state_resumes_exactly(seed, cut, tfs, kind, whole, publishers):
+    batch = random_stream(seed, kind=kind, publishers=publishers)  # the cut may fall between ties
     want = feed(make(tfs, kind), batch)
     i = int(cut * len(batch))
     first = make(tfs, kind)
@@ -199,7 +205,6 @@ def inject(batch: RecordBatch, rng: np.random.Generator, n: int) -> RecordBatch:
 
 def expected_violations(b: RecordBatch, drop_bits: set[int]):
     """An independent account of what each record breaks, and which records enter the bars."""
-    bars = b.kind != "trades"
     interval = {"ohlcv-1s": S, "ohlcv-1m": 60 * S, "trades": 0}[b.kind]
     last: dict[int, int] = {}
     counts: dict[tuple[int, str], list[int]] = {}
@@ -219,7 +224,7 @@ def expected_violations(b: RecordBatch, drop_bits: set[int]):
             broken.append("volume_zero")
         elif v > MAX_VOLUME:
             broken.append("volume_absurd")
-        if s in last and (t < last[s] or (bars and t == last[s])):
+        if s in last and t < last[s]:  # an equal ts (a "duplicate") merges, for bars as for trades
             broken.append("ts_not_increasing")
         if interval and t % interval:
             broken.append("ts_misaligned")
@@ -321,13 +326,16 @@ def test_negative_price_is_counted_and_flagged_or_dropped(policy):
 
 def test_record_older_than_the_current_bar_is_dropped_counted_and_not_merged():
     agg = make(("1s", "1min"))
-    bars = run(agg, [one(0), one(61), one(30, h=500, c=500), one(62), one(62)])
+    bars = run(agg, [one(0), one(61), one(30, h=500, c=500), one(62), one(62), one(60, h=600)])
     nib = RULES["ts_not_increasing"].bit
-    assert agg.counts[0, nib] == 2  # the late one and the duplicate
-    assert agg.first_violations(0, "ts_not_increasing") == [START + 30 * S, START + 62 * S]
+    assert agg.counts[0, nib] == 2  # the two late ones; the equal ts merges (another publisher)
+    assert agg.first_violations(0, "ts_not_increasing") == [START + 30 * S, START + 60 * S]
     minute = bars[bars["timeframe"] == 1]
     assert minute["ts_event"].tolist() == [START, START + 60 * S]
-    assert minute["count"].tolist() == [1, 2] and minute["high"].max() == 101 * TICK
+    assert minute["count"].tolist() == [1, 3] and minute["high"].max() == 101 * TICK
+    second = bars[bars["timeframe"] == 0]
+    assert second["ts_event"].tolist() == [START, START + 61 * S, START + 62 * S]
+    assert second["count"].tolist() == [1, 1, 2] and second["volume"].tolist() == [5, 5, 10]
 
 
 def test_misaligned_zero_and_absurd_volume_are_counted():

@@ -46,6 +46,13 @@ class Aggregator:
     a record's volume above it breaks volume_absurd (0: no ceiling). ``series_names``: how
     errors name a series (a sequence or a :class:`~streambars.records.SeriesRegistry`).
 
+    Records of one series arrive in time order; several may share a ``ts_event`` (trades in
+    one nanosecond; an instrument's OHLCV bars from several publishers, e.g. OPRA venues
+    reporting the same minute). They all go into the bar of that interval: volume and count
+    summed, high the max, low the min, open the first record's open and close the last
+    record's close in input order (the feed's order; Databento gives no better one across
+    publishers). Only a record before the series' previous one is ``ts_not_increasing``.
+
     Any batch size gives the same bars. Throughput is best with batches of a few thousand
     to ~16k records: their bars fit the reused output buffer (``out_capacity`` rows) and the
     cache; much larger batches spend their time materialising one large result in fresh memory.
@@ -99,7 +106,6 @@ class Aggregator:
         head = np.zeros(K.N_HEADER, np.int64)
         head[K.H_LEVELS] = n
         head[K.H_NBOUNDS] = len(self._bounds)
-        head[K.H_STRICT] = int(input_kind != "trades")  # bars strictly increasing, trades may tie
         head[K.H_INTERVAL] = interval
         head[K.H_MAX_VOLUME] = np.uint64(max_volume).view(np.int64) if max_volume else 0
         head[K.H_LAST_ROOT] = max(k for k in range(n) if cfg[k, K.C_SOURCE] < 0)
@@ -278,7 +284,7 @@ class Aggregator:
         return {
             "layout": np.array(
                 [STATE_LAYOUT_VERSION, K.N_LEVEL_FIELDS, K.N_SERIES_FIELDS, INPUT_INTERVAL_NS[self.input_kind],
-                 int(self._head[K.H_STRICT])],
+                 int(self.input_kind != "trades")],  # bars or trades (once: whether ties were late)
                 np.int64,
             ),
             "timeframes": np.array([t.seconds for t in self.timeframes], np.int64),

@@ -19,7 +19,9 @@ the loop's register pressure low. Its regions, located by the header:
     and the first ``N_FIRST`` offending timestamps.
 
 A record first closes every bar it proves finished (``ts >= end``), then is folded into the
-root levels only. A closed bar is emitted and folded into the levels it feeds, which are
+root levels only. Records of a series may share a ``ts_event`` (trades in one nanosecond,
+several publishers' bars of one interval): a tie folds into the running bar like any record
+inside it; only a ts before the series' last one is late. A closed bar is emitted and folded into the levels it feeds, which are
 checked in turn, so most records touch one or two levels instead of all of them. After a
 flush has closed a root (or for a series' first record) one full sweep restores the
 invariant that every running bar contains the series' clock.
@@ -40,8 +42,8 @@ from ..records import TAGGED_BAR_DTYPE, UNDEF_PRICE
 from ..rules import N_RECORD_RULES, TS_MISALIGNED, record_violations
 
 # header st[H_*]
-(H_LEVELS, H_SERIES, H_CFG, H_BOUNDS, H_NBOUNDS, H_LV, H_SER, H_STRICT, H_INTERVAL, H_MAX_VOLUME,
- H_LAST_ROOT, H_DROP_MASK, H_FAIL_MASK, H_MODE, H_UNTIL) = range(15)
+(H_LEVELS, H_SERIES, H_CFG, H_BOUNDS, H_NBOUNDS, H_LV, H_SER, H_INTERVAL, H_MAX_VOLUME,
+ H_LAST_ROOT, H_DROP_MASK, H_FAIL_MASK, H_MODE, H_UNTIL) = range(14)
 MODE_RECORDS, MODE_FLUSH, MODE_FINISH = 0, 1, 2  # st[H_MODE]: what aggregate() does
 N_HEADER = 16
 
@@ -230,11 +232,14 @@ def _flush(until, close_all, first_series, st, out):
     """Close the bars of series ``first_series..`` whose end is <= ``until`` (all if close_all).
 
     Raises each series' late floor to ``until`` (close_all: to the end of the latest bar it
-    closed, so a record that belongs to a closed bar is late, never a second bar). Returns
-    ``(next_series, n_out)``; next_series < number of series means the buffer filled up.
+    closed, so a record that belongs to a closed bar is late, never a second bar). That end
+    is read after the closing cascade: a coarse bar can start during it (a closed finer bar
+    folded into an idle level) and is closed by it too. Returns ``(next_series, n_out)``;
+    next_series < number of series means the buffer filled up.
     """
     n_levels = st[_U(H_LEVELS)]
     n_series = st[_U(H_SERIES)]
+    cfg = st[_U(H_CFG)]
     cap = out.shape[0]
     _reset_marks(st)
     nout = 0
@@ -243,14 +248,15 @@ def _flush(until, close_all, first_series, st, out):
         if nout + n_levels > cap:
             return s, nout
         base = st[_U(H_LV)] + s * n_levels * N_LEVEL_FIELDS
+        mark = -2 - s
+        nout = _advance(st, s, t, mark, True, out, nout)
         floor = until
-        if close_all:
+        if close_all:  # every level the cascade closed carries this series' mark
             floor = -1
             for k in range(n_levels):
-                b = base + k * N_LEVEL_FIELDS
-                if st[_U(b + L_ACTIVE)] != 0 and st[_U(b + L_END)] > floor:
-                    floor = st[_U(b + L_END)]
-        nout = _advance(st, s, t, -2 - s, True, out, nout)
+                end = st[_U(base + k * N_LEVEL_FIELDS + L_END)]
+                if st[_U(cfg + k * N_CFG_FIELDS + C_MARK)] == mark and end > floor:
+                    floor = end
         sb = st[_U(H_SER)] + s * N_SERIES_FIELDS
         if floor > st[_U(sb + S_FLOOR)]:
             st[_U(sb + S_FLOOR)] = floor
@@ -292,7 +298,6 @@ def aggregate(series, ts, op, hi, lo, cl, vol, start, st, out):
     lv = st[_U(H_LV)]
     ser = st[_U(H_SER)]
     cap = out.shape[0]
-    strict = st[_U(H_STRICT)] != 0
     interval = st[_U(H_INTERVAL)]
     max_volume = np.uint64(st[_U(H_MAX_VOLUME)])
     zero = np.uint64(0)
@@ -341,17 +346,15 @@ def aggregate(series, ts, op, hi, lo, cl, vol, start, st, out):
         sb = ser + s * N_SERIES_FIELDS
         prev = st[_U(sb + S_LAST)]
         floor = st[_U(sb + S_FLOOR)]
-        if floor >= 0:  # after flush(until): ts must be >= until
-            eff = floor - 1 if strict else floor
-            if eff > prev:
-                prev = eff
+        if floor > prev:  # after flush(until): ts must be >= until
+            prev = floor
         # the common case in a few comparisons (every price <= h < UNDEF_PRICE, all > 0 as
         # lw > 0); anything else gets the full rule check
         if (lw > 0 and h < UNDEF_PRICE and lw <= o and lw <= c and o <= h and c <= h and v != zero
-                and (max_volume == zero or v <= max_volume) and (t > prev or (t == prev and not strict))):
+                and (max_volume == zero or v <= max_volume) and t >= prev):
             mask = 0
         else:
-            mask = record_violations(t, o, h, lw, c, v, prev, strict, 0, max_volume)
+            mask = record_violations(t, o, h, lw, c, v, prev, False, 0, max_volume)
         aligned = True
         if interval > 0:
             if t >= 0:
@@ -373,7 +376,9 @@ def aggregate(series, ts, op, hi, lo, cl, vol, start, st, out):
         base = lv + s * n_levels * N_LEVEL_FIELDS
         if fast and mask == 0 and st[_U(base + L_ACTIVE)] != 0 and t >= st[_U(base + L_END)]:
             # the common case: the finest level is the only root and the input interval, so
-            # this record closes its running bar and starts the next one (no merge, no search)
+            # this record closes its running bar and starts the next one (no merge, no search);
+            # a record with the running bar's ts (another publisher) is not >= its end: it
+            # takes the general path below and folds into that bar
             nout = _emit(st, base, s, 0, out, nout)
             if children0 > 0:
                 st[_U(cfg + C_MARK)] = i
