@@ -55,7 +55,8 @@ VOLUME_ZERO = 3
 VOLUME_ABSURD = 4
 TS_NOT_INCREASING = 5
 TS_MISALIGNED = 6
-N_RECORD_RULES = 7
+VOLUME_OVERFLOW = 7
+N_RECORD_RULES = 8
 
 RECORD_RULES: tuple[Rule, ...] = (
     Rule("price_undefined", Severity.ERROR, "open/high/low/close is UNDEF_PRICE", PRICE_UNDEFINED, True),
@@ -77,6 +78,12 @@ RECORD_RULES: tuple[Rule, ...] = (
         True,
     ),
     Rule("ts_misaligned", Severity.ERROR, "timestamp not aligned to the interval", TS_MISALIGNED),
+    Rule(
+        "volume_overflow",
+        Severity.ERROR,
+        "a bar's volume sum would pass 2**64 - 1 (it saturates there, never wraps)",
+        VOLUME_OVERFLOW,
+    ),
 )
 
 # Rules that need a whole series; run by `streambars validate` only.
@@ -126,7 +133,10 @@ def record_violations(
     interval_ns: np.int64,
     max_volume: np.uint64,
 ) -> np.int64:
-    """Bitmask of the per-record rules this record (bar or trade) breaks.
+    """Bitmask of the per-record rules this record (bar or trade) breaks on its own.
+
+    volume_overflow is not among them: it depends on the bar the record goes into, so the
+    engine's kernel checks it as it adds volumes (and the validator on stored volumes).
 
     ``prev_ts`` is the series' last accepted timestamp (-1 if none); a record may share it
     unless ``strictly_increasing`` (the engine and the validator both pass False: trades

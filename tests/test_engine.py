@@ -344,7 +344,7 @@ def test_misaligned_zero_and_absurd_volume_are_counted():
     c = dict(zip(RECORD_RULE_NAMES, agg.counts[0].tolist(), strict=True))
     assert c == {
         "price_undefined": 0, "price_non_positive": 0, "ohlc_relation": 1, "volume_zero": 1,
-        "volume_absurd": 1, "ts_not_increasing": 0, "ts_misaligned": 1,
+        "volume_absurd": 1, "ts_not_increasing": 0, "ts_misaligned": 1, "volume_overflow": 0,
     }
 
 

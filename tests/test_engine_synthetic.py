@@ -20,7 +20,7 @@ def test_1s_bars_look_like_es():
     assert (h >= np.maximum(o, c)).all() and (lo <= np.minimum(o, c)).all() and (lo > 0).all()
     assert (o % sy.TICK == 0).all() and (bars["volume"] > 0).all()
     local = pd.DatetimeIndex(ts, tz="UTC").tz_convert("America/Chicago")
-    assert not ((local.weekday == 5) | ((local.weekday == 4) & (local.hour >= 16))).any()  # weekend
+    assert not ((local.day_of_week == 5) | ((local.day_of_week == 4) & (local.hour >= 16))).any()  # weekend
     assert not (local.hour == 16).any()  # the daily halt
     opens, closes = sy.trading_sessions(START, START + 8 * 86_400 * 10**9)
     seconds = int(((closes - opens) // 10**9).sum())

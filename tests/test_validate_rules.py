@@ -51,6 +51,7 @@ def test_record_rules_each_bit():
         (300, 10, 11, 9, 10, 999, 1),  # volume_absurd (max 100 per input)
         (290, 10, 11, 9, 10, 5, 1),   # earlier than previous -> ts_not_increasing (+ misaligned)
         (420, 10, 11, 9, 10, 5, 1),
+        (480, 10, 11, 9, 10, 2**64 - 1, 1),  # volume_overflow: the engine saturated it (+ absurd)
     ])  # fmt: skip
     bars["close"][6] = UNDEF_PRICE  # price_undefined
     hits, last = record_rule_hits(bars, 60 * NS, None, max_volume=100)
@@ -60,13 +61,14 @@ def test_record_rules_each_bit():
         "ohlc_relation": (1, [120 * s]),
         "price_non_positive": (1, [180 * s]),
         "volume_zero": (1, [240 * s]),
-        "volume_absurd": (1, [300 * s]),
+        "volume_absurd": (2, [300 * s, 480 * s]),
+        "volume_overflow": (1, [480 * s]),
         "ts_not_increasing": (1, [290 * s]),
         "ts_misaligned": (1, [290 * s]),
         "price_undefined": (1, [420 * s]),
     }
     assert set(got) == set(RECORD_RULE_NAMES)
-    assert last == 420 * s
+    assert last == 480 * s
 
 
 def test_volume_absurd_scales_with_count_and_daily_alignment():

@@ -19,8 +19,11 @@ from . import kernel as K
 
 __all__ = ["Aggregator", "STATE_LAYOUT_VERSION"]
 
-#: Bumped whenever the meaning of the saved state arrays changes.
-STATE_LAYOUT_VERSION = 1
+#: Bumped whenever the meaning of the saved state arrays changes. 2: volume_overflow appended
+#: to the rule counters (so the series row grew), and equal timestamps of bars merge.
+STATE_LAYOUT_VERSION = 2
+#: Rules the per-series counters held in each older layout version (read by _upgrade).
+_RULES_IN_LAYOUT = {1: 7}
 
 _NO_BARS = np.empty(0, TAGGED_BAR_DTYPE)
 _NO_BARS.setflags(write=False)
@@ -52,6 +55,14 @@ class Aggregator:
     summed, high the max, low the min, open the first record's open and close the last
     record's close in input order (the feed's order; Databento gives no better one across
     publishers). Only a record before the series' previous one is ``ts_not_increasing``.
+
+    Volumes are uint64 sums that saturate at 2**64 - 1, never wrap: a record whose volume
+    would overflow the bar it goes into breaks ``volume_overflow`` (flag: kept, saturated;
+    drop: left out of every bar; fail: raises). A closed bar folded into a coarser one (1min
+    into 1d) can overflow it too: that bar saturates and the record whose arrival closed the
+    finer bar is charged (in flush/finish, the series' last record); it is kept under drop
+    (its own volume is not what overflowed), and under fail the error carries the bars it
+    closed, which stay closed. A record counts at most once for what it adds and closes.
 
     Any batch size gives the same bars. Throughput is best with batches of a few thousand
     to ~16k records: their bars fit the reused output buffer (``out_capacity`` rows) and the
@@ -291,6 +302,25 @@ class Aggregator:
             "session": np.array(str(self.session)),
         }
 
+    def _upgrade(self, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A state saved by an older layout version, in today's layout (stores keep engine
+        states across upgrades). Rules are only ever appended, so the series row is the clock
+        and floor, then the counters, then N_FIRST timestamps a rule: pad both with zeros."""
+        old = np.asarray(state.get("layout", ()))
+        if old.shape != (5,) or int(old[0]) not in _RULES_IN_LAYOUT or int(old[0]) == STATE_LAYOUT_VERSION:
+            return state
+        n_old = _RULES_IN_LAYOUT[int(old[0])]
+        mine = self._layout()["layout"]
+        expect = [int(old[0]), K.N_LEVEL_FIELDS, K.S_COUNTS + n_old * (1 + K.N_FIRST), *mine[3:].tolist()]
+        if old.tolist() != expect:
+            return state  # another configuration: _check_layout says so
+        ser = np.asarray(state["series"], np.int64)
+        new = np.zeros(ser.shape[:-1] + (K.N_SERIES_FIELDS,), np.int64)
+        new[..., : K.S_COUNTS + n_old] = ser[..., : K.S_COUNTS + n_old]
+        first = K.S_COUNTS + n_old
+        new[..., K.S_FIRST : K.S_FIRST + n_old * K.N_FIRST] = ser[..., first : first + n_old * K.N_FIRST]
+        return {**state, "series": new, "layout": mine}
+
     def _check_layout(self, state: dict[str, np.ndarray]) -> None:
         for key, mine in self._layout().items():
             theirs = state.get(key)
@@ -315,7 +345,9 @@ class Aggregator:
         return {"levels": levels, "series": ser, **self._layout()}
 
     def set_series_state(self, series: int, state: dict[str, np.ndarray]) -> None:
-        """Restore one series exactly as :meth:`get_series_state` saved it (growing if needed)."""
+        """Restore one series exactly as :meth:`get_series_state` saved it (growing if needed);
+        a state of an older layout version is upgraded (new rules' counters start at 0)."""
+        state = self._upgrade(state)
         self._check_layout(state)
         levels = np.asarray(state["levels"], np.int64)
         ser = np.asarray(state["series"], np.int64)
@@ -335,7 +367,9 @@ class Aggregator:
         }
 
     def set_state(self, state: dict[str, np.ndarray]) -> None:
-        """Restore what :meth:`get_state` saved (replacing every series)."""
+        """Restore what :meth:`get_state` saved (replacing every series); older layout
+        versions are upgraded as in :meth:`set_series_state`."""
+        state = self._upgrade(state)
         self._check_layout(state)
         levels = np.array(state["levels"], np.int64)
         ser = np.array(state["series"], np.int64)

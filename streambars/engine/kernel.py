@@ -26,6 +26,13 @@ checked in turn, so most records touch one or two levels instead of all of them.
 flush has closed a root (or for a series' first record) one full sweep restores the
 invariant that every running bar contains the series' clock.
 
+Volumes are uint64 sums and saturate at 2**64 - 1 instead of wrapping (rule volume_overflow).
+A record whose own volume would overflow a running root bar is checked before anything
+changes, so its policy applies like any rule's. A closed bar folded into a coarser running bar
+(1min into 1d) can overflow too: that bar saturates and the overflow is counted against the
+record whose arrival closed the finer bar (in a flush, the series' last record); drop cannot
+take volume back out of a bar, so such a record is kept unless the policy is fail.
+
 Output goes into a caller-owned, reused TAGGED_BAR_DTYPE buffer; the kernel stops early (and
 says where) when the buffer could overflow, when a record names a series the arena has no
 room for yet, or when a rule with policy fail is broken. Flushing runs in the same compiled
@@ -39,11 +46,11 @@ import numpy as np
 from numba import types
 
 from ..records import TAGGED_BAR_DTYPE, UNDEF_PRICE
-from ..rules import N_RECORD_RULES, TS_MISALIGNED, record_violations
+from ..rules import N_RECORD_RULES, TS_MISALIGNED, VOLUME_OVERFLOW, record_violations
 
 # header st[H_*]
 (H_LEVELS, H_SERIES, H_CFG, H_BOUNDS, H_NBOUNDS, H_LV, H_SER, H_INTERVAL, H_MAX_VOLUME,
- H_LAST_ROOT, H_DROP_MASK, H_FAIL_MASK, H_MODE, H_UNTIL) = range(14)
+ H_LAST_ROOT, H_DROP_MASK, H_FAIL_MASK, H_MODE, H_UNTIL, H_FOLD_OVERFLOW) = range(15)
 MODE_RECORDS, MODE_FLUSH, MODE_FINISH = 0, 1, 2  # st[H_MODE]: what aggregate() does
 N_HEADER = 16
 
@@ -66,6 +73,7 @@ N_SERIES_FIELDS = S_FIRST + N_FIRST * N_RECORD_RULES
 OK, FULL, GROW, FAIL, BAD_SERIES = range(5)
 
 DAY_NS = 86_400 * 1_000_000_000
+U64_MAX = np.uint64(0xFFFFFFFFFFFFFFFF)  # a volume sum saturates here (volume_overflow)
 
 
 @numba.njit(cache=True, inline="always", _nrt=False)
@@ -161,7 +169,12 @@ def _fold_bar(st, b, src, c):
         # new high or low is data, and a mispredicted branch per level cost more than the store
         st[_U(b + L_HIGH)] = max(st[_U(b + L_HIGH)], st[_U(src + L_HIGH)])
         st[_U(b + L_LOW)] = min(st[_U(b + L_LOW)], st[_U(src + L_LOW)])
-        st[_U(b + L_VOLUME)] += st[_U(src + L_VOLUME)]
+        old = np.uint64(st[_U(b + L_VOLUME)])
+        vol = old + np.uint64(st[_U(src + L_VOLUME)])
+        if vol < old:  # wrapped: saturate, and tell the caller (it counts volume_overflow)
+            vol = U64_MAX
+            st[_U(H_FOLD_OVERFLOW)] = 1
+        st[_U(b + L_VOLUME)] = np.int64(vol)
         st[_U(b + L_COUNT)] += st[_U(src + L_COUNT)]
     st[_U(b + L_CLOSE)] = st[_U(src + L_CLOSE)]
 
@@ -222,6 +235,20 @@ def _count(st, sb, mask, t):
 
 
 @numba.njit(cache=True, inline="always", _nrt=False)
+def _fold_overflowed(st, sb, t, fail_mask):
+    """A closing cascade saturated a coarser bar's volume: count volume_overflow against the
+    record at ``t`` that closed the finer bar. True if the policy is fail: the bars the record
+    closed stay closed, so the series' clock moves to ``t`` (an earlier record is late, never
+    a second bar), but the record itself is not folded in."""
+    st[_U(H_FOLD_OVERFLOW)] = 0
+    _count(st, sb, np.int64(1) << VOLUME_OVERFLOW, t)
+    if (fail_mask >> VOLUME_OVERFLOW) & 1:
+        st[_U(sb + S_LAST)] = t
+        return True
+    return False
+
+
+@numba.njit(cache=True, inline="always", _nrt=False)
 def _reset_marks(st):
     for k in range(st[_U(H_LEVELS)]):
         st[_U(st[_U(H_CFG)] + k * N_CFG_FIELDS + C_MARK)] = -1
@@ -258,6 +285,9 @@ def _flush(until, close_all, first_series, st, out):
                 if st[_U(cfg + k * N_CFG_FIELDS + C_MARK)] == mark and end > floor:
                     floor = end
         sb = st[_U(H_SER)] + s * N_SERIES_FIELDS
+        if st[_U(H_FOLD_OVERFLOW)] != 0:  # no record at hand: charged to the series' last one
+            st[_U(H_FOLD_OVERFLOW)] = 0
+            _count(st, sb, np.int64(1) << VOLUME_OVERFLOW, st[_U(sb + S_LAST)])
         if floor > st[_U(sb + S_FLOOR)]:
             st[_U(sb + S_FLOOR)] = floor
     return n_series, np.int64(nout)
@@ -288,6 +318,7 @@ def aggregate(series, ts, op, hi, lo, cl, vol, start, st, out):
     :func:`_flush`; ``start`` is then the first series): one compiled function, so a new
     process loads one kernel from the cache, not two.
     """
+    st[_U(H_FOLD_OVERFLOW)] = 0
     if st[_U(H_MODE)] != MODE_RECORDS:
         s, nout = _flush(st[_U(H_UNTIL)], st[_U(H_MODE)] == MODE_FINISH, start, st, out)
         return s, nout, OK, 0
@@ -383,6 +414,8 @@ def aggregate(series, ts, op, hi, lo, cl, vol, start, st, out):
             if children0 > 0:
                 st[_U(cfg + C_MARK)] = i
                 nout = _levels(st, s, t, i, False, out, nout, 1, children0)
+                if st[_U(H_FOLD_OVERFLOW)] != 0 and _fold_overflowed(st, sb, t, fail_mask):
+                    return i, nout, FAIL, VOLUME_OVERFLOW
             st[_U(base + L_ACTIVE)] = 1
             st[_U(base + L_START)] = t
             st[_U(base + L_END)] = t + interval
@@ -394,7 +427,32 @@ def aggregate(series, ts, op, hi, lo, cl, vol, start, st, out):
             st[_U(base + L_COUNT)] = 1
             st[_U(sb + S_LAST)] = t
             continue
+        # volume_overflow by the record itself: it can only overflow a running root bar it
+        # lands in (t before its end), and must be known before anything changes so that drop
+        # and fail leave no trace. With one root (the usual set-up) the merge below checks it:
+        # a record that overflows the one root's running bar lies inside it, so _advance
+        # closed nothing. With several roots (7s and 13s) it is checked here, first.
+        ovf = False
+        if last_root > 0:
+            for r in range(last_root + 1):
+                b = base + r * N_LEVEL_FIELDS
+                old = np.uint64(st[_U(b + L_VOLUME)])
+                if (old + v < old and st[_U(b + L_ACTIVE)] != 0 and t < st[_U(b + L_END)]
+                        and st[_U(cfg + r * N_CFG_FIELDS + C_SOURCE)] < 0):
+                    ovf = True
+            if ovf:
+                _count(st, sb, np.int64(1) << VOLUME_OVERFLOW, t)
+                if (fail_mask >> VOLUME_OVERFLOW) & 1:
+                    return i, nout, FAIL, VOLUME_OVERFLOW
+                if (drop_mask >> VOLUME_OVERFLOW) & 1:
+                    continue
         nout = _advance(st, s, t, i, False, out, nout)
+        if st[_U(H_FOLD_OVERFLOW)] != 0:
+            if ovf:  # one count a record
+                st[_U(H_FOLD_OVERFLOW)] = 0
+            elif _fold_overflowed(st, sb, t, fail_mask):
+                return i, nout, FAIL, VOLUME_OVERFLOW
+        last = t  # the series' clock after this record (unchanged if it is dropped below)
         for r in range(last_root + 1):
             cr = cfg + r * N_CFG_FIELDS
             if st[_U(cr + C_SOURCE)] >= 0:
@@ -415,10 +473,21 @@ def aggregate(series, ts, op, hi, lo, cl, vol, start, st, out):
                 st[_U(b + L_VOLUME)] = np.int64(v)
                 st[_U(b + L_COUNT)] = 1
             else:
+                old = np.uint64(st[_U(b + L_VOLUME)])
+                summed = old + v
+                if summed < old:  # wrapped: saturate (one root: nothing changed yet, see above)
+                    if last_root == 0:
+                        _count(st, sb, np.int64(1) << VOLUME_OVERFLOW, t)
+                        if (fail_mask >> VOLUME_OVERFLOW) & 1:
+                            return i, nout, FAIL, VOLUME_OVERFLOW
+                        if (drop_mask >> VOLUME_OVERFLOW) & 1:
+                            last = st[_U(sb + S_LAST)]
+                            break
+                    summed = U64_MAX
+                st[_U(b + L_VOLUME)] = np.int64(summed)
                 st[_U(b + L_HIGH)] = max(st[_U(b + L_HIGH)], h)
                 st[_U(b + L_LOW)] = min(st[_U(b + L_LOW)], lw)
                 st[_U(b + L_CLOSE)] = c
-                st[_U(b + L_VOLUME)] += np.int64(v)
                 st[_U(b + L_COUNT)] += 1
-        st[_U(sb + S_LAST)] = t
+        st[_U(sb + S_LAST)] = last
     return n, nout, OK, 0

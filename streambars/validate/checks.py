@@ -15,7 +15,15 @@ import numba
 import numpy as np
 
 from ..records import UNDEF_PRICE
-from ..rules import N_RECORD_RULES, RECORD_RULES, RULES, TS_MISALIGNED, Severity, record_violations
+from ..rules import (
+    N_RECORD_RULES,
+    RECORD_RULES,
+    RULES,
+    TS_MISALIGNED,
+    VOLUME_OVERFLOW,
+    Severity,
+    record_violations,
+)
 
 MAX_FIRST = 10  # offending timestamps kept per rule
 NS = 1_000_000_000
@@ -53,6 +61,8 @@ class Tally:
 # --------------------------------------------------------------------------- per-record rules
 
 
+# numba's cache is keyed on this file alone: the rule bits below are compiled in, so a change
+# of them in rules.py must come with a change here (or a cleared cache)
 SAME_TS = N_RECORD_RULES  # extra rows of the scan's counters: a ts equal to the previous row's
 COUNT_INVALID = N_RECORD_RULES + 1
 _SCAN_ROWS = N_RECORD_RULES + 2
@@ -66,7 +76,8 @@ def _record_pass(ts, o, h, lo, c, v, n, prev_ts, interval_ns, boundaries, max_vo
     Bars are checked against the previous row (``ts_not_increasing`` when earlier; equal
     timestamps are counted apart, for ``ts_duplicate``). A bar of ``count`` inputs may hold
     up to ``count * max_volume``. Daily bars (``boundaries`` non-empty) must start on a
-    session boundary. Also counts ``count_invalid`` (0, or above ``max_inputs`` when > 0).
+    session boundary. A volume of 2**64 - 1 is one the engine saturated (``volume_overflow``).
+    Also counts ``count_invalid`` (0, or above ``max_inputs`` when > 0).
     ``first[rule, :]`` receives row indices.
     """
     kmax = first.shape[1]
@@ -82,6 +93,8 @@ def _record_pass(ts, o, h, lo, c, v, n, prev_ts, interval_ns, boundaries, max_vo
             if limit == 0:
                 limit = max_volume
         m = record_violations(ts[i], o[i], h[i], lo[i], c[i], v[i], prev_ts, False, interval_ns, limit)
+        if v[i] == U64_MAX:
+            m |= 1 << VOLUME_OVERFLOW
         if nb > 0:
             j = np.searchsorted(boundaries, ts[i])
             if j >= nb or boundaries[j] != ts[i]:
