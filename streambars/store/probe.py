@@ -32,7 +32,7 @@ from h5py import h5f, h5p
 
 from ..errors import DamagedFileError
 from .layout import BARS, INDEX
-from .recovery import FLAG_SWMR_WRITE, Superblock, read_superblock, repaired_superblock
+from .recovery import Superblock, read_superblock, repaired_superblock
 
 #: Metadata read attempts per block under SWMR (HDF5's default 100 can sleep for hours on a
 #: bad block). The sleeps double from 1 ns, so 24 attempts wait ~17 ms in all: ample for a
@@ -154,7 +154,7 @@ def check_contents(f: h5py.File, size: int, crashed: bool, path: Path | None = N
     size from it before calling a chunk past it damage (a live writer keeps appending)."""
     where = "/"
     try:
-        dict(f.attrs)
+        list(f.attrs)  # names: the header holding them is checksummed on load
         if BARS not in f:
             return f"not a streambars bar file (no /{BARS} group)"
         names: list[str] = []
@@ -162,7 +162,7 @@ def check_contents(f: h5py.File, size: int, crashed: bool, path: Path | None = N
         for name in names:
             where = name
             obj = f[name]
-            dict(obj.attrs)
+            list(obj.attrs)
             if isinstance(obj, h5py.Dataset):
                 problem = _check_storage(obj, size)
                 if problem and path is not None:
@@ -222,7 +222,7 @@ def _check_rows(f: h5py.File, tf: str, ds: h5py.Dataset, crashed: bool) -> str |
     if bad is not None:
         return f"row {max(0, n - stride) + bad} has ts_event {int(tail[bad])} (not a bar time: garbage rows)"
     idx = f.get(f"{INDEX}/{tf}")
-    if idx is not None and idx.shape[0]:
+    if idx is not None and idx.shape[0] and not crashed:  # a live writer may be mid-update
         k = min(idx.shape[0], -(-n // stride)) - 1
         got = idx[[0, k]] if k > 0 else idx[:1]
         want = [t0] + ([int(ds[k * stride]["ts_event"])] if k > 0 else [])
@@ -284,7 +284,10 @@ def check_writable(path: Path) -> None:
     recovery knows: left open by a killed writer (marks set, stale EOA, never-written rows at
     the end) or an interrupted close that could not extend the file to its EOA (disk full)
     with nothing it references in the missing tail. Caller holds the writer lock."""
-    sb = read_superblock(path)
+    try:
+        sb = read_superblock(path)
+    except DamagedFileError as e:
+        raise DamagedFileError(path, e.what, UNTOUCHED) from None
     if sb is None:
         return  # not a v2/v3 superblock: not ours to judge, the open says what it is
     size = os.path.getsize(path)
@@ -302,16 +305,3 @@ def check_writable(path: Path) -> None:
         view.close()
     if problem:
         raise DamagedFileError(path, f"{short}: {problem}" if short else problem, UNTOUCHED)
-
-
-def check_readable(path: Path) -> tuple[Superblock | None, int]:
-    """The cheap checks before any SWMR open (no HDF5 involved): (superblock, size).
-    Raises DamagedFileError. A short file is only flagged here when it cannot be the
-    interrupted-close shape (the reader's deep check decides otherwise)."""
-    sb = read_superblock(path)
-    size = os.path.getsize(path)
-    return sb, size
-
-
-def swmr_capable(sb: Superblock | None) -> bool:
-    return sb is not None and bool(sb.flags & FLAG_SWMR_WRITE)

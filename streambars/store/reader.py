@@ -147,6 +147,18 @@ class _File:
         self._io: dict[str, RowIO] = {}
         self._idx: dict[str, h5py.Dataset | None] = {}
         self._valid: dict[str, tuple[int, int]] = {}
+        self._verified = False
+
+    def verify(self) -> None:
+        """Check the whole file once (every object header and attribute, chunk addresses,
+        first and last rows): a read must not succeed on a file whose other parts are
+        garbage, and a damaged object must be named before anything else trips on it."""
+        if self._verified:
+            return
+        problem = _deep_problem(self)
+        if problem is not None:
+            raise problem
+        self._verified = True
 
     @contextlib.contextmanager
     def guard(self, what: str) -> Iterator[None]:
@@ -229,14 +241,17 @@ _OPEN_LOCK = threading.Lock()
 def _busy_error(path: Path) -> FileBusyError:
     holder = is_locked(path)
     if holder:
-        return FileBusyError(
+        err = FileBusyError(
             f"{path} is being opened by a writer (pid {holder.get('pid')}) and cannot be read until "
             "it has switched to SWMR mode; try again in a moment"
         )
-    return FileBusyError(
-        f"{path} was left open by a killed writer before it switched to SWMR mode; "
-        "the next writer repairs it (until then it cannot be read)"
-    )
+    else:
+        err = FileBusyError(
+            f"{path} was left open by a killed writer before it switched to SWMR mode; "
+            "the next writer repairs it (until then it cannot be read)"
+        )
+    err.writer_alive = bool(holder)  # type: ignore[attr-defined]
+    return err
 
 
 def _acquire(path: Path) -> _File:
@@ -326,8 +341,10 @@ class StoreReader:
                 return
             _release(self._files.pop(p))
         try:
-            self._files[p] = _acquire(p)
+            fh = self._files[p] = _acquire(p)
             self._problems.pop(p, None)
+            if self.path.is_file():  # open_store(one file): say now if it is damaged
+                fh.verify()
         except StoreError as e:
             self._problems[p] = e
             if self.path.is_file() and not isinstance(e, FileBusyError):
@@ -345,9 +362,10 @@ class StoreReader:
         self.refresh()
         self._wait_busy(list(self._problems))
         for fh in list(self._files.values()):
-            problem = _deep_problem(fh)
-            if problem is not None:
-                self._problems[fh.path] = problem
+            try:
+                fh.verify()
+            except StoreError as e:
+                self._problems[fh.path] = e
         return self.problems()
 
     # -- what is there -------------------------------------------------------------------
@@ -399,7 +417,7 @@ class StoreReader:
         """Retry files a writer is creating or opening, for up to BUSY_WAIT_S."""
         deadline = time.monotonic() + BUSY_WAIT_S
         while True:
-            busy = [p for p in paths if isinstance(self._problems.get(p), FileBusyError)]
+            busy = [p for p in paths if getattr(self._problems.get(p), "writer_alive", False)]
             if not busy or time.monotonic() >= deadline:
                 return
             time.sleep(0.02)
@@ -434,6 +452,7 @@ class StoreReader:
                 f"symbol {symbol!r} is in several datasets ({', '.join(f.dataset for f in found)}): "
                 "pass dataset="
             )
+        found[0].verify()
         return found[0]
 
     def _being_created(self, symbol: str, dataset: str | None) -> bool:
@@ -533,6 +552,7 @@ def _name_of(path: Path) -> tuple[str, str]:
 
 def _file_series(fh: _File) -> list[SeriesInfo]:
     """The SeriesInfo of each timeframe of one open file; DamagedFileError for garbage."""
+    fh.verify()
     size = _size(fh.path)
     out = []
     with fh.guard(f"/{BARS}"):
