@@ -155,10 +155,14 @@ class _File:
         garbage, and a damaged object must be named before anything else trips on it."""
         if self._verified:
             return
-        problem = _deep_problem(self)
-        if problem is not None:
-            raise problem
-        self._verified = True
+        for attempt in _LIVE_RETRIES:
+            problem = _deep_problem(self)
+            if problem is None:
+                self._verified = True
+                return
+            if not _writer_may_be_mid_write(self.path, attempt):
+                raise problem
+        raise problem
 
     @contextlib.contextmanager
     def guard(self, what: str) -> Iterator[None]:
@@ -236,6 +240,27 @@ class _File:
 # chunk 1). So each file is opened once per process and every reader shares its handles.
 _OPEN: dict[tuple[str, int], _File] = {}
 _OPEN_LOCK = threading.Lock()
+
+
+#: A file a writer has open may show a half-written block for a moment (a bounded SWMR
+#: retry can give up on it): such an error is retried after these pauses (s) before the file
+#: is called damaged. A file no writer has open is judged at once.
+_LIVE_RETRIES = (0.05, 0.2, 0.5, None)
+
+
+def _writer_may_be_mid_write(path: Path, pause: float | None) -> bool:
+    """True (after sleeping ``pause``) when ``path`` is marked open for write, so an error
+    reading it is worth one more try; False when it is not, or no tries are left."""
+    if pause is None:
+        return False
+    try:
+        sb = read_superblock(path)
+    except StoreError:
+        return False
+    if sb is None or not sb.open_for_write:
+        return False
+    time.sleep(pause)
+    return True
 
 
 def _busy_error(path: Path) -> FileBusyError:
@@ -479,13 +504,21 @@ class StoreReader:
     ) -> np.ndarray:
         """Bars with start <= ts_event < end as a BAR_DTYPE array (prices int64, 1e-9 units);
         at most ``limit`` rows (the first ones) when given."""
-        fh, tf, t0, t1, lo, hi, io = self._range(symbol, timeframe, start, end, dataset)
-        if limit is not None:
-            hi = min(hi, lo + max(0, int(limit)))
-        with fh.guard(f"{BARS}/{tf} rows {lo}..{hi}"):
-            rows = io.read(lo, hi)
-        _check_read(fh, tf, rows, lo, t0, t1, self.strict_order)
-        return rows
+        for attempt in _LIVE_RETRIES:
+            try:
+                fh, tf, t0, t1, lo, hi, io = self._range(symbol, timeframe, start, end, dataset)
+                if limit is not None:
+                    hi = min(hi, lo + max(0, int(limit)))
+                with fh.guard(f"{BARS}/{tf} rows {lo}..{hi}"):
+                    rows = io.read(lo, hi)
+                _check_read(fh, tf, rows, lo, t0, t1, self.strict_order)
+                return rows
+            except DamagedFileError as e:
+                if not _writer_may_be_mid_write(Path(str(e.path)), attempt):
+                    raise
+                for open_file in self._files.values():
+                    open_file._valid.clear()
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _range(
         self, symbol: str, timeframe: str | Timeframe, start: TimeLike, end: TimeLike, dataset: str | None
