@@ -199,6 +199,7 @@ def cmd_faults(root: str) -> None:
     from streambars.store import file_path, open_store
 
     out: dict[str, object] = {}
+    start = time.monotonic()
 
     def attempt(name: str, fn) -> None:
         t = time.monotonic()
@@ -207,6 +208,7 @@ def cmd_faults(root: str) -> None:
             out[name] = "ok"
         except StoreError as e:
             out[name] = f"{type(e).__name__}: {e}"
+            out.setdefault("first_error_s", round(time.monotonic() - start, 4))  # open_store included
         out[name + "_s"] = round(time.monotonic() - t, 4)
 
     r = open_store(root)

@@ -291,7 +291,7 @@ def check_scenario(template: Path, tmp_path: Path, scenario: Scenario, fork: boo
     assert sha(victim) == before, "the damaged file was modified"
     return {
         "scenario": scenario.name, "kind": scenario.kind,
-        "reader_s": got["read_1s_s"], "writer_s": got["writer_s"],
+        "reader_s": got["first_error_s"], "writer_s": got["writer_s"],
         "inspect_code": runs["inspect"].code, "inspect_first_line_s": runs["inspect"].first_line_s,
         "validate_code": runs["validate"].code, "validate_first_line_s": runs["validate"].first_line_s,
     }  # fmt: skip
