@@ -420,3 +420,18 @@ def test_symbol_is_listed_while_writers_are_killed_at_random_points(tmp_path):
         with open_store(root) as r:
             assert r.read(SYMBOL, "1s").shape[0] >= 100
     print(f"{polls} polls, {kills} kills, reads after a kill: {reads}")
+
+
+def test_commands_naming_a_damaged_symbol_say_damaged_not_missing(template, tmp_path):
+    root, victim = damaged_store(template, tmp_path, scenarios(template)[1])  # truncated 50%
+    r = run_cli("validate", "--store", str(root), "--symbol", SYMBOL, "--report", str(tmp_path / "v.txt"),
+                fork=True)  # fmt: skip
+    assert r.code == 2 and "not in the store" not in r.err + r.out
+    assert any(SYMBOL in ln and "damaged: truncated" in ln for ln in r.out.splitlines()), r.out
+    r = run_cli("export", "--store", str(root), "--symbol", SYMBOL, "--timeframe", "1s",
+                "--out", str(tmp_path / "x.csv"), fork=True)  # fmt: skip
+    assert r.code == 2 and r.err.startswith(f"streambars: {victim} is damaged: truncated") and r.err.count("\n") == 1
+    assert not (tmp_path / "x.csv").exists()
+    r = run_cli("export", "--store", str(root), "--symbol", "GOOD", "--timeframe", "1s",
+                "--out", str(tmp_path / "g.csv"), fork=True)  # fmt: skip
+    assert r.code == 0 and (tmp_path / "g.csv").exists()  # the rest of the store reads normally
