@@ -117,6 +117,9 @@ class _File:
             self.f = open_read(path, swmr=True)
         except OSError as e:
             if sb is not None:
+                now = read_superblock(path)  # a writer may have opened it since
+                if now is not None and now.open_for_write and not now.flags & FLAG_SWMR_WRITE:
+                    raise _busy_error(path) from None
                 raise DamagedFileError(path, short or f"cannot be opened: {hdf5_reason(e)}") from None
             try:  # not SWMR-capable (an old or foreign file): a plain read-only open
                 self.f = open_read(path, swmr=False)
