@@ -214,6 +214,10 @@ def _cmd_inspect(args: argparse.Namespace, settings: Settings) -> int:
 
     rows = inspect_store(settings.store.path)
     print(format_table(rows))
+    bad = [r for r in rows if r.get("status", "ok") != "ok"]
+    if bad:  # damaged (or unreadable) files are bad input: named in the table, exit 2
+        print(f"streambars: {len(bad)} file(s) in {settings.store.path} cannot be read (see status)", file=sys.stderr)
+        return EXIT_USAGE
     return EXIT_OK
 
 

@@ -27,6 +27,24 @@ class StoreLockedError(StoreError):
     """Another process (named in the message) is writing the same file."""
 
 
+class DamagedFileError(StoreError):
+    """A store file is damaged (truncated, bad checksum, garbage rows): bad input, exit 2.
+
+    ``path`` and ``what`` are kept apart so `inspect` and `validate` can show a row for the
+    file and go on with the rest of the store."""
+
+    exit_code = 2
+
+    def __init__(self, path: object, what: str, suffix: str = ""):
+        self.path, self.what = path, what
+        super().__init__(f"{path} is damaged: {what}{suffix}")
+
+
+class FileBusyError(StoreError):
+    """A store file cannot be opened for reading right now: a writer is opening it, or a
+    writer was killed while opening it (the next writer repairs it)."""
+
+
 class SourceError(StreambarsError):
     """Databento or a DBN file did not give what was asked: names the request and the cause."""
 

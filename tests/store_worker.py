@@ -6,6 +6,8 @@
     python tests/store_worker.py hold     FILE                   # plain h5py reader, default locking
     python tests/store_worker.py diskfull ROOT                   # append until RLIMIT_FSIZE hits
     python tests/store_worker.py readonly ROOT                   # as 'nobody': try to write
+    python tests/store_worker.py open     ROOT                   # open (create), append, close
+    python tests/store_worker.py faults   ROOT                   # read + write a damaged store
 
 Rows follow one deterministic sequence (:func:`expected`), so a test can check every row of
 a file against it after any number of kills. Prints one JSON line per event on stdout.
@@ -174,6 +176,52 @@ def cmd_readonly(root: str) -> None:
     with open_store(root) as r:
         events["rows"] = int(r.read(SYMBOL, "1s").shape[0])
     say(event="readonly", **events)
+
+
+def cmd_open(root: str) -> None:
+    """Open (creating it if needed), append a little, close: a writer to kill at any point
+    (it says 'starting' once its imports are done, just before it opens)."""
+    import streambars.store  # noqa: F401 - imported before 'starting': the kill window is the open
+
+    say(event="starting")
+    w = open_writer(root)
+    i = resume_point(w)
+    w.append(batch(i, i + 100), meta={"progress": json.dumps({"next": i + 100}).encode()})
+    w.close()
+    say(event="closed")
+
+
+def cmd_faults(root: str) -> None:
+    """What a reader and a writer make of a store whose SYMBOL file is damaged and whose
+    GOOD file is not: each outcome ('ok' or the error's class and message) and how long it
+    took (s)."""
+    from streambars.errors import StoreError
+    from streambars.store import file_path, open_store
+
+    out: dict[str, object] = {}
+    start = time.monotonic()
+
+    def attempt(name: str, fn) -> None:
+        t = time.monotonic()
+        try:
+            fn()
+            out[name] = "ok"
+        except StoreError as e:
+            out[name] = f"{type(e).__name__}: {e}"
+            out.setdefault("first_error_s", round(time.monotonic() - start, 4))  # open_store included
+        out[name + "_s"] = round(time.monotonic() - t, 4)
+
+    r = open_store(root)
+    out["symbols"] = r.symbols()
+    attempt("series", r.series)
+    attempt("read_1s", lambda: r.read(SYMBOL, "1s"))
+    attempt("read_1min", lambda: r.read(SYMBOL, "1min"))
+    attempt("read_df", lambda: r.read_df(SYMBOL, "1s"))
+    out["good_rows"] = int(r.read("GOOD", "1s").shape[0])
+    r.close()
+    attempt("open_file", lambda: open_store(file_path(root, DATASET, SYMBOL)).close())
+    attempt("writer", lambda: open_writer(root).close())
+    say(event="faults", **out)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import h5py
 
-from ..errors import StoreError, StoreLockedError
-from .layout import BARS, LIBVER, fsync_path, store_files
+from ..errors import DamagedFileError, StoreError, StoreLockedError, UsageError
+from .layout import BARS, LIBVER, SUFFIX, fsync_path, remove_stale_temps, store_files, temp_path
 from .lock import FileLock
+from .probe import check_writable
 from .recovery import recover_file
 
 COMPRESSIONS = ("gzip", "lzf", "none")
@@ -44,7 +45,7 @@ def rewrite_file(path: Path, compression: str | None) -> tuple[int, int]:
     The caller must hold the file's writer lock. Returns (bytes before, bytes after)."""
     filters = _filters(compression)
     before = os.path.getsize(path)
-    tmp = path.with_name(f".{path.name}.compact-{os.getpid()}")
+    tmp = temp_path(path, "compact")
     try:
         with h5py.File(path, "r", locking=False) as src, h5py.File(tmp, "w", libver=LIBVER, locking=False) as dst:
             if BARS not in src:
@@ -89,18 +90,13 @@ def compact_store(
     _filters(compression)
     root = Path(root)
     if paths:
-        files = []
-        for p in map(Path, paths):
-            if not p.exists() and (root / p).exists():
-                p = root / p
-            if not p.is_file():
-                raise StoreError(f"no store file {p}")
-            files.append(p)
+        files = [store_file_arg(root, p) for p in paths]
     else:
         if not root.exists():
             raise StoreError(f"no store at {root}")
         files = store_files(root)
-    refused = []
+    refused: list[str] = []
+    damaged: list[DamagedFileError] = []
     for path in files:
         lock = FileLock(path, owner="compact")
         try:
@@ -109,10 +105,41 @@ def compact_store(
             refused.append(str(e))
             continue
         try:
+            remove_stale_temps(path)
+            check_writable(path)
             recover_file(path)
             before, after = rewrite_file(path, compression)
+        except DamagedFileError as e:
+            damaged.append(e)
+            continue
         finally:
             lock.release()
         yield path, before, after
+    if damaged:
+        if len(damaged) == 1 and not refused:
+            raise damaged[0]
+        raise DamagedFileError(
+            ", ".join(str(e.path) for e in damaged),
+            "; ".join(e.what for e in damaged) + (f". Also: {' '.join(refused)}" if refused else ""),
+            " (left untouched)",
+        )
     if refused:
         raise StoreLockedError(" ".join(refused))
+
+
+def store_file_arg(root: Path, p: str | Path) -> Path:
+    """A path given on the command line as a store file: a ``.h5`` file inside the store
+    (relative to it or not). Anything else is refused before a lock or temp file is made
+    next to it (``compact /etc/hostname`` must write nothing in /etc)."""
+    p = Path(p)
+    if not p.is_absolute() and not p.exists() and (root / p).exists():
+        p = root / p
+    real, store = p.resolve(), root.resolve()
+    if p.suffix != SUFFIX or p.name.startswith(".") or store not in real.parents:
+        raise UsageError(
+            f"{p} is not a store file: give .h5 files inside the store {root} "
+            f"(<store>/<dataset>/<symbol>{SUFFIX})"
+        )
+    if not real.is_file():
+        raise StoreError(f"no store file {p}")
+    return p

@@ -20,6 +20,7 @@ contents and shapes may change (attribute writes can leave the file unusable).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import zlib
@@ -86,6 +87,44 @@ def store_files(path: Path) -> list[Path]:
         return [path]
     found = list(path.glob("*" + SUFFIX)) + list(path.glob("*/*" + SUFFIX))
     return sorted(p for p in found if not p.name.startswith(".") and p.is_file())
+
+
+#: Temporary files next to a store file, ``.<name>.h5.<kind>-<pid>``: a new file being built
+#: (writer) and a compacted copy (compact). A killed process leaves its own behind.
+TEMP_KINDS = ("creating", "compact")
+
+
+def temp_path(path: Path, kind: str) -> Path:
+    """This process's temporary file of ``kind`` for ``path``."""
+    return path.with_name(f".{path.name}.{kind}-{os.getpid()}")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # ours from an earlier, failed attempt: we are not building it now
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Remove the temporary files of ``path`` whose process is dead (a creator or compact
+    killed mid-way); returns them. Caller holds the file's writer lock."""
+    import glob
+
+    removed = []
+    for kind in TEMP_KINDS:
+        for p in path.parent.glob(f".{glob.escape(path.name)}.{kind}-*"):
+            pid = p.name.rsplit("-", 1)[1]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+                    removed.append(p)
+    return removed
 
 
 def fsync_path(path: Path) -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..errors import StoreError
+from ..errors import DamagedFileError, StoreError
 from ..observe import get_logger
 from .layout import BARS, HWM, INDEX, LIBVER, file_timeframes
 
@@ -99,27 +99,47 @@ class Superblock:
 
 
 def read_superblock(path: Path) -> Superblock | None:
-    """The superblock (searched at 0, 512, 1024, 2048, ...) or None when not version 2/3."""
+    """The superblock (searched at 0, 512, 1024, 2048, ...); None when it is version 0/1 (a
+    foreign file: nothing here applies). Raises DamagedFileError when the file has no HDF5
+    signature, is cut inside its superblock, or the superblock checksum fails."""
     with open(path, "rb") as fh:
         size = os.fstat(fh.fileno()).st_size
+        if size == 0:
+            raise DamagedFileError(path, "empty file (0 bytes)")
         offset = 0
         while offset + 8 <= size:
             fh.seek(offset)
             head = fh.read(12)
             if head[:8] == SIGNATURE:
+                if len(head) < 12:
+                    raise DamagedFileError(path, f"truncated: {size} bytes, cut inside the superblock")
                 version = head[8]
                 if version not in (2, 3):
                     return None
                 o = head[9]
                 if o not in (2, 4, 8):
-                    raise StoreError(f"{path}: superblock says offsets are {o} bytes; the file is damaged")
+                    raise DamagedFileError(path, f"superblock says offsets are {o} bytes")
                 raw = head + fh.read(4 * o + 4)
+                if len(raw) < 12 + 4 * o + 4:
+                    raise DamagedFileError(path, f"truncated: {size} bytes, cut inside the superblock")
                 if lookup3(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
-                    raise StoreError(f"{path}: the superblock checksum does not match; the file is damaged")
+                    raise DamagedFileError(path, "superblock checksum mismatch")
                 fields = [int.from_bytes(raw[12 + k * o : 12 + (k + 1) * o], "little") for k in range(4)]
                 return Superblock(offset, version, o, head[11], fields[0], fields[2], raw)
             offset = 512 if offset == 0 else offset * 2
-    return None
+    raise DamagedFileError(path, f"not an HDF5 file (no HDF5 signature in its {size} bytes)")
+
+
+def repaired_superblock(sb: Superblock, size: int) -> bytes:
+    """``sb`` as :func:`clear_open_flags` writes it: open-for-write marks cleared, the EOA
+    raised to the end of a ``size``-byte file, checksum recomputed."""
+    o = sb.size_of_offsets
+    eoa = max(sb.eoa, size - sb.base)
+    raw = bytearray(sb.raw)
+    raw[11] = 0
+    raw[12 + 2 * o : 12 + 3 * o] = eoa.to_bytes(o, "little")
+    raw[-4:] = lookup3(bytes(raw[:-4])).to_bytes(4, "little")
+    return bytes(raw)
 
 
 def clear_open_flags(path: Path) -> bool:
@@ -129,7 +149,9 @@ def clear_open_flags(path: Path) -> bool:
       of the file (``h5clear -s -i``).
     * EOA beyond the end of the file (the writer's close could write the superblock but not
       extend the file, e.g. the disk was full): extend the file with zeros to the EOA, which
-      is what that close was doing.
+      is what that close was doing. Only after :func:`streambars.store.probe.check_writable`
+      has shown that nothing the file references lies in that missing tail: a file cut
+      short by anything else is damage, and is refused untouched before this is called.
 
     Caller holds the writer lock."""
     sb = read_superblock(path)
@@ -142,13 +164,7 @@ def clear_open_flags(path: Path) -> bool:
     fd = os.open(path, os.O_WRONLY)
     try:
         if sb.open_for_write:
-            o = sb.size_of_offsets
-            eoa = max(sb.eoa, size - sb.base)
-            raw = bytearray(sb.raw)
-            raw[11] = 0
-            raw[12 + 2 * o : 12 + 3 * o] = eoa.to_bytes(o, "little")
-            raw[-4:] = lookup3(bytes(raw[:-4])).to_bytes(4, "little")
-            os.pwrite(fd, bytes(raw), sb.offset)
+            os.pwrite(fd, repaired_superblock(sb, size), sb.offset)
         else:
             os.ftruncate(fd, sb.base + sb.eoa)
         os.fsync(fd)

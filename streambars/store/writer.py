@@ -41,10 +41,13 @@ from .layout import (
     file_timeframes,
     fsync_path,
     read_blob,
+    remove_stale_temps,
+    temp_path,
     timeframe_name,
     write_blob,
 )
 from .lock import FileLock
+from .probe import check_writable
 from .recovery import clear_open_flags, repair_contents
 from .rowio import RowIO, write_rows
 
@@ -157,6 +160,8 @@ class BarFileWriter:
         except OSError as e:
             raise StoreError(f"cannot create the store directory {self.path.parent}: {e.strerror}") from e
         self._lock.acquire()
+        for stale in remove_stale_temps(self.path):
+            log.info("store.removed_stale_temp", path=str(stale), why="left by a killed process")
         self._open_file()
 
     def _open_file(self) -> None:
@@ -166,6 +171,9 @@ class BarFileWriter:
         created = not self.path.exists()
         if created:
             self._create()
+        else:
+            # Repair only what a crash leaves; anything else is refused before a byte changes.
+            check_writable(self.path)
         clear_open_flags(self.path)
         if not created and _compressed(self.path):
             from .compact import rewrite_file
@@ -204,9 +212,7 @@ class BarFileWriter:
     def _create(self) -> None:
         """Build the whole layout in a temporary file, then rename it into place: a crash
         while creating never leaves a half-made file under the real name."""
-        for stale in self.path.parent.glob(f".{self.path.name}.creating-*"):
-            stale.unlink(missing_ok=True)  # ours: we hold the lock
-        tmp = self.path.with_name(f".{self.path.name}.creating-{os.getpid()}")
+        tmp = temp_path(self.path, "creating")
         try:
             with h5py.File(tmp, "w", libver=LIBVER, locking=False) as f:
                 create_layout(

@@ -63,12 +63,12 @@ class StoreFileView:
 
 def _file_contract(path: Path, settings) -> tuple[Session, str, str]:
     """(session, stype, note) from the file's contract attributes (read-only, SWMR, no lock)."""
-    import h5py
+    from ..store.probe import open_read
 
-    try:
-        with h5py.File(path, "r", swmr=True, locking=False) as f:
+    try:  # bounded metadata retries: a damaged file must not hang here
+        with open_read(Path(path), swmr=True) as f:
             attrs = {k: f.attrs.get(k) for k in ("session", "stype")}
-    except OSError:
+    except (OSError, RuntimeError, KeyError, ValueError):
         attrs = {}
     stype = str(attrs.get("stype") or settings.databento.stype_in)
     text = attrs.get("session")
@@ -157,21 +157,25 @@ def validate_store(
         reader = open_store(root)
     except StoreError as e:
         raise UnreadableStoreError(str(e)) from None
+    reader.strict_order = False  # out-of-order bars are reported by rule, not as damage
     with reader:
         try:
-            infos = reader.series()
+            reader.check()
+            infos = reader.series(skip_unreadable=True)
         except (OSError, StoreError) as e:
             raise UnreadableStoreError(f"cannot read {root}: {e}") from None
+        problems = reader.problems()
         groups: dict[tuple[str, str], list] = defaultdict(list)
         for info in infos:
-            groups[(info.dataset, info.symbol)].append(info)
-        report.unreadable = _unreadable_files(root, {Path(i.path) for i in infos})
-        for text in report.unreadable:
-            report.notes.append(f"unreadable: {text}")
+            if info.path not in problems:
+                groups[(info.dataset, info.symbol)].append(info)
+        for path, err in sorted(problems.items()):
+            _add_unreadable(report, path, err)
         if not groups:
             why = f": {'; '.join(report.unreadable)}" if report.unreadable else ""
             raise UnreadableStoreError(f"no readable bar files in {root}{why}")
-        chosen = _select(groups, dataset, wanted_symbols, selected)
+        unreadable_keys = {_name_of(p) for p in problems}
+        chosen = _select(groups, dataset, wanted_symbols, selected, unreadable_keys)
 
         fetch: Fetcher | None = None
         ref_error: str | None = None
@@ -201,31 +205,31 @@ def validate_store(
                 tfs = [tf for tf in selected if tf in view.timeframes]
             try:
                 outcome = validate_file(view, tfs, params, calendars[ds], t0, t1, fetch, ref_error)
-            except (OSError, StoreError) as e:
-                raise UnreadableStoreError(f"cannot read {file_infos[0].path}: {e}") from None
+            except (OSError, StoreError) as e:  # found while reading: a row for it, go on
+                err = e if isinstance(e, StoreError) else StoreError(f"cannot read {file_infos[0].path}: {e}")
+                _add_unreadable(report, Path(file_infos[0].path), err)
+                continue
             report.series += outcome.results
             report.notes += outcome.notes
     report.finished = datetime.now(UTC)
     return report
 
 
-def _unreadable_files(root: Path, opened: set[Path]) -> list[str]:
-    """Store files the reader could not open (it skips them), each with the reason."""
-    import h5py
+def _add_unreadable(report: Report, path: Path, err: StoreError) -> None:
+    """A file that cannot be read: a row of the table ("damaged: ..."), a note, exit code 2."""
+    from ..store.reader import problem_text
 
-    from ..store.layout import store_files
+    dataset, symbol = _name_of(path)
+    status = problem_text(err)
+    report.unreadable.append(f"{path}: {status}")
+    report.unreadable_rows.append({"dataset": dataset, "symbol": symbol, "status": status})
+    report.notes.append(f"unreadable: {path}: {status}")
 
-    out = []
-    for p in store_files(root):
-        if p in opened:
-            continue
-        try:
-            with h5py.File(p, "r", swmr=True, locking=False) as f:
-                why = "not a streambars bar file (no /bars group)" if "bars" not in f else "not readable"
-        except OSError as e:
-            why = str(e).split("(")[0].strip() or "not an HDF5 file"
-        out.append(f"{p}: {why}")
-    return out
+
+def _name_of(path: Path) -> tuple[str, str]:
+    from ..store.reader import _name_of as name_of
+
+    return name_of(Path(path))
 
 
 def _split(values: list[str]) -> list[str]:
@@ -235,22 +239,24 @@ def _split(values: list[str]) -> list[str]:
     return out
 
 
-def _select(groups, dataset, symbols, selected) -> list[tuple[str, str]]:
+def _select(groups, dataset, symbols, selected, unreadable=frozenset()) -> list[tuple[str, str]]:
+    """The (dataset, symbol) keys to validate. ``unreadable``: keys of files that cannot be
+    read (reported as such): asking for one of them is not "not in the store"."""
     keys = sorted(groups)
     if dataset:
-        have = sorted({d for d, _ in keys})
+        have = sorted({d for d, _ in keys} | {d for d, _ in unreadable})
         keys = [k for k in keys if k[0] == dataset]
-        if not keys:
+        if dataset not in have:
             raise UsageError(f"--dataset {dataset!r} is not in the store (it has: {', '.join(have)})")
     if symbols:
-        have = sorted({s for _, s in keys})
+        have = sorted({s for _, s in keys} | {s for d, s in unreadable if dataset in (None, d)})
         missing = [s for s in symbols if s not in have]
         if missing:
             raise UsageError(
                 f"--symbol {', '.join(missing)} not in the store (it has: {', '.join(have) or 'none'})"
             )
         keys = [k for k in keys if k[1] in symbols]
-    if selected:
+    if selected and keys:
         stored = {parse_timeframe(i.timeframe) for k in keys for i in groups[k]}
         missing = [tf.name for tf in selected if tf not in stored]
         if missing:

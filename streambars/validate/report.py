@@ -109,6 +109,7 @@ class Report:
     notes: list[str] = field(default_factory=list)  # dataset/file level remarks
     series: list[SeriesResult] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)  # store files that could not be read
+    unreadable_rows: list[dict[str, str]] = field(default_factory=list)  # their table rows
 
     def count(self, severity: Severity) -> int:
         return sum(s.count(severity) for s in self.series)
@@ -215,6 +216,10 @@ class Report:
                 "info": s.count(Severity.INFO),
                 "rules": ",".join(f"{n}={s.tallies[n].count}" for n in failing) or "ok",
             })  # fmt: skip
+        for u in self.unreadable_rows:  # a damaged file: one row saying so
+            rows.append({"dataset": u["dataset"], "symbol": u["symbol"], "tf": "-", "rows": "-",
+                         "first": "-", "last": "-", "errors": "-", "warnings": "-", "info": "-",
+                         "rules": u["status"]})  # fmt: skip
         return rows
 
 
