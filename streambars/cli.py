@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .observe import default_numba_cache_dir
+from .startup import default_numba_cache_dir, ignore_stop_signals, interrupt_on_stop_signals
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import Settings
@@ -275,9 +275,15 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    default_numba_cache_dir()
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    interrupt_on_stop_signals()
+    try:
+        default_numba_cache_dir()
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        ignore_stop_signals()
+        print("streambars: interrupted while starting; nothing was done", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if args.version:
         from . import __version__
 
@@ -290,26 +296,97 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_handler(handler, args)
 
 
-def run_handler(handler: Handler, args: argparse.Namespace) -> int:
-    """Load settings (before any work), set up logging, run the command; map the library's
-    exceptions onto exit codes and one clear line on stderr."""
+def _flatten(e: BaseException) -> list[BaseException]:
+    if isinstance(e, BaseExceptionGroup):
+        return [x for sub in e.exceptions for x in _flatten(sub)]
+    return [e]
+
+
+def _user_error(e: BaseException) -> BaseException:
+    """The error to report for ``e``: the most telling member of an exception group (an
+    interrupt wins: the user asked to stop, the rest is its consequence)."""
+    if not isinstance(e, BaseExceptionGroup):
+        return e
+    flat = _flatten(e)
+    for x in flat:
+        if isinstance(x, KeyboardInterrupt):
+            return x
+    from .pipeline import most_telling_error
+
+    return most_telling_error(e)
+
+
+def describe_os_error(e: OSError) -> str:
+    """'No space left on device (errno 28): /path' — the OS's words, the file and the number."""
+    what = e.strerror or str(e) or type(e).__name__
+    where = ": ".join(str(f) for f in (e.filename, e.filename2) if f)
+    code = f" (errno {e.errno})" if e.errno else ""
+    return f"{what}{code}{': ' + where if where else ''}"
+
+
+def _exit_for(e: BaseException) -> tuple[int, str]:
+    """Exit code and the one line to print for an exception that ended a command."""
     from .config import ConfigError
     from .errors import StreambarsError
-    from .observe import configure_logging, scrub
 
+    if isinstance(e, KeyboardInterrupt):
+        name = getattr(e, "signame", "SIGINT")
+        return EXIT_INTERRUPTED, f"interrupted ({name}); what was flushed is kept, rerun to resume"
+    if isinstance(e, ConfigError):
+        return EXIT_USAGE, str(e)
+    if isinstance(e, StreambarsError):
+        return e.exit_code, str(e)
+    if isinstance(e, OSError):
+        return EXIT_FAILED, f"{describe_os_error(e)}; fix the cause and rerun"
+    if isinstance(e, MemoryError):
+        return EXIT_FAILED, "out of memory; give the process more memory or fewer symbols per run"
+    detail = " ".join(str(e).split()) or "(no message)"
+    return EXIT_FAILED, (f"internal error {type(e).__name__}: {detail[:300]} "
+                         "(a bug: rerun with --log-level debug for the traceback and report it)")
+
+
+def run_handler(handler: Handler, args: argparse.Namespace) -> int:
+    """Load settings (before any work), set up logging, run the command; map every exception
+    onto an exit code and one line ``streambars: ...`` on stderr (secrets scrubbed). No
+    traceback reaches a user: it is printed above that line only with ``--log-level debug``."""
+    # Also for `run`: a stop during its start-up exits 130; once running, the daemon's own
+    # signal receivers take over (drain, exit 0).
+    interrupt_on_stop_signals()
+    debug = getattr(args, "log_level", None) == "debug"
     try:
+        from .observe import configure_logging
+
         settings = _settings(args)
+        debug = settings.logging.level == "debug"
         configure_logging(settings.logging.level, settings.logging.format)
         return handler(args, settings)
-    except ConfigError as e:
-        print(f"streambars: {scrub(str(e))}", file=sys.stderr)
-        return EXIT_USAGE
-    except StreambarsError as e:
-        print(f"streambars: {scrub(str(e))}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("streambars: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except BaseException as caught:  # noqa: BLE001 - the last line of defence
+        if isinstance(caught, SystemExit | GeneratorExit):
+            raise
+        e = _user_error(caught)
+        if isinstance(e, KeyboardInterrupt):
+            ignore_stop_signals()
+        code, line = _exit_for(e)
+        try:
+            if debug and not isinstance(e, KeyboardInterrupt):
+                import traceback
+
+                sys.stderr.write(_scrub("".join(traceback.format_exception(caught))))
+            print(f"streambars: {_scrub(line)}", file=sys.stderr, flush=True)
+        except (OSError, ValueError):  # stderr closed or broken: the exit code still says it
+            pass
+        return code
+
+
+def _scrub(text: str) -> str:
+    """observe.scrub, even when the interrupt came while observe was being imported."""
+    try:
+        from .observe import scrub
+    except Exception:  # noqa: BLE001 - a half-imported structlog must not hide the message
+        import re
+
+        return re.sub(r"db-[A-Za-z0-9]{20,}", "<redacted>", text)
+    return scrub(text)
 
 
 if __name__ == "__main__":  # pragma: no cover

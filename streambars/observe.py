@@ -9,7 +9,6 @@ caller or a library exception message carries it.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import sys
 import time
@@ -18,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
+
+from .startup import default_numba_cache_dir  # noqa: F401 - re-exported: its old home
 
 _SECRETS: set[str] = set()
 # Databento keys are 'db-' + 29 alphanumerics; catch them even when never registered.
@@ -115,19 +116,6 @@ class _StdlibScrubber(logging.Filter):
 
 def get_logger(name: str | None = None, **bound: Any) -> structlog.typing.FilteringBoundLogger:
     return structlog.get_logger(name, **bound)
-
-
-def default_numba_cache_dir() -> None:
-    """Point numba's cache at a writable place when the package directory is read-only.
-
-    Must run before numba is imported; an explicit NUMBA_CACHE_DIR always wins.
-    """
-    if "NUMBA_CACHE_DIR" in os.environ:
-        return
-    pkg_dir = os.path.dirname(os.path.abspath(__file__))
-    if not os.access(pkg_dir, os.W_OK):
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        os.environ["NUMBA_CACHE_DIR"] = os.path.join(base, "streambars", "numba")
 
 
 @dataclass
