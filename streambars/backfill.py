@@ -19,10 +19,11 @@ leaving a truncated final bar in the store.
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -33,7 +34,7 @@ import anyio
 from . import archive
 from .config import Settings, check_timeframes_fit, load_api_key
 from .engine import Aggregator
-from .errors import CostLimitError, UsageError
+from .errors import CostLimitError, Interrupted, UsageError
 from .observe import Progress, TerminalProgress, get_logger
 from .pipeline import (
     Checkpoint,
@@ -237,51 +238,55 @@ def _run(
     terminal = TerminalProgress(progress)
     t0 = time.monotonic()
 
-    async def source() -> AsyncIterator[PipelineItem]:
-        ready_send, ready_recv = anyio.create_memory_object_stream[tuple[Chunk, Path | None]](2)
+    # The download task runs beside the pipeline (in _run_with_signals' task group), not in
+    # a task group inside the source generator: a generator suspended at a yield inside a
+    # task group is finalised from another task when the pipeline stops (an error, SIGTERM),
+    # and anyio then raises "Attempted to exit cancel scope in a different task" over the
+    # real cause.
+    ready_send, ready_recv = anyio.create_memory_object_stream[tuple[Chunk, Path | None]](2)
 
-        async def download() -> None:
-            async with ready_send:
-                for chunk in todo:
-                    path = archive.month_path(root, db.dataset, chunk.symbol, chunk.month, chunk.key)
-                    if client is not None and (force or not path.exists()):
-                        log.info("downloading", symbol=chunk.symbol, month=chunk.key)
-                        try:
-                            await anyio.to_thread.run_sync(
-                                lambda c=chunk, p=path: client.download_month(
-                                    db.dataset, c.symbol, db.schema, db.stype_in, c.start, c.end, p
-                                )
+    async def download() -> None:
+        async with ready_send:
+            for chunk in todo:
+                path = archive.month_path(root, db.dataset, chunk.symbol, chunk.month, chunk.key)
+                if client is not None and (force or not path.exists()):
+                    log.info("downloading", symbol=chunk.symbol, month=chunk.key)
+                    try:
+                        await anyio.to_thread.run_sync(
+                            lambda c=chunk, p=path: client.download_month(
+                                db.dataset, c.symbol, db.schema, db.stype_in, c.start, c.end, p
                             )
-                        except UnknownSymbolError:
-                            # Resolved for the range, not for this month (not listed yet, or
-                            # expired): an empty month, nothing archived, marked done.
-                            log.warning("symbol not listed this month", symbol=chunk.symbol, month=chunk.key)
-                            path = None
-                        result.chunks_downloaded += 1
-                    await ready_send.send((chunk, path))
+                        )
+                    except UnknownSymbolError:
+                        # Resolved for the range, not for this month (not listed yet, or
+                        # expired): an empty month, nothing archived, marked done.
+                        log.warning("symbol not listed this month", symbol=chunk.symbol, month=chunk.key)
+                        path = None
+                    result.chunks_downloaded += 1
+                await ready_send.send((chunk, path))
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(download)
-            async with ready_recv:
-                async for chunk, path in ready_recv:
-                    if path is not None:
-                        async for batch in _decode(path, registry, db.schema, db.stype_in, chunk.symbol, resume):
-                            yield batch
-                            terminal.update(f"{chunk.key} {chunk.symbol}")
-                    done_keys.setdefault(chunk.symbol, []).append(chunk.key)
-                    yield Checkpoint(
-                        (chunk.symbol,), {chunk.symbol: {"done": sorted(set(done_keys[chunk.symbol]))}}
-                    )
-                    progress.units_done += 1
-                    log.info("month done", symbol=chunk.symbol, month=chunk.key, **progress.fields())
-            yield FlushUntil(int(range_end.timestamp()) * 1_000_000_000)
-            yield Checkpoint(tuple(registry.names))
+    async def source() -> AsyncIterator[PipelineItem]:
+        async with ready_recv:
+            async for chunk, path in ready_recv:
+                if path is not None:
+                    async for batch in _decode(path, registry, db.schema, db.stype_in, chunk.symbol, resume):
+                        yield batch
+                        terminal.update(f"{chunk.key} {chunk.symbol}")
+                done_keys.setdefault(chunk.symbol, []).append(chunk.key)
+                yield Checkpoint(
+                    (chunk.symbol,), {chunk.symbol: {"done": sorted(set(done_keys[chunk.symbol]))}}
+                )
+                progress.units_done += 1
+                log.info("month done", symbol=chunk.symbol, month=chunk.key, **progress.fields())
+        yield FlushUntil(int(range_end.timestamp()) * 1_000_000_000)
+        yield Checkpoint(tuple(registry.names))
 
     result.stats.progress = progress
     resume = ResumeFilter(engine, len(registry))
     try:
         _run_with_signals(
-            run_pipeline(source(), engine, writers, registry, stats=result.stats, queue_size=BACKFILL_QUEUE)
+            run_pipeline(source(), engine, writers, registry, stats=result.stats, queue_size=BACKFILL_QUEUE),
+            download,
         )
     finally:
         terminal.close()
@@ -364,32 +369,49 @@ def ingest_dbn_files(settings: Settings, paths: list[Path], out: TextIO = sys.st
     return result
 
 
-def _run_with_signals(coro: Any) -> None:
-    """Run the pipeline; SIGTERM behaves like Ctrl-C: stop, keep what was flushed."""
-    stopped = False
+def _run_with_signals(coro: Any, *background: Callable[[], Awaitable[None]]) -> None:
+    """Run the pipeline (and ``background`` tasks beside it); SIGTERM and SIGINT stop it the same way: cancel, keep what was
+    flushed, then raise :class:`~streambars.errors.Interrupted` (the CLI exits 130).
+
+    Plain ``signal.signal`` handlers (not anyio's receiver) for the whole run, restored
+    after: asyncio's ``remove_signal_handler`` resets SIGTERM to SIG_DFL, so a signal landing
+    while the loop shuts down would kill the process; and a KeyboardInterrupt raised inside
+    the event loop comes out as an anyio RuntimeError with a long traceback."""
+    stopped: list[str] = []
+    cancel: list[Any] = []
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if not stopped:
+            log.warning("stopping; the month in progress is redone next time",
+                        signal=signal.Signals(signum).name)
+        stopped.append(signal.Signals(signum).name)
+        if cancel:
+            cancel[0]()
 
     async def main() -> None:
+        if stopped:
+            coro.close()
+            return
         async with unwrapped(), anyio.create_task_group() as tg:
-
-            async def watch() -> None:
-                nonlocal stopped
-                with anyio.open_signal_receiver(signal.SIGTERM) as signals:
-                    async for _ in signals:
-                        log.warning("SIGTERM: stopping; the month in progress is redone next time")
-                        stopped = True
-                        tg.cancel_scope.cancel()
-                        return
-
-            async def work() -> None:
-                await coro
+            loop = asyncio.get_running_loop()
+            cancel.append(lambda: loop.call_soon_threadsafe(tg.cancel_scope.cancel))
+            if stopped:
                 tg.cancel_scope.cancel()
+            for task in background:
+                tg.start_soon(task)
+            await coro
+            tg.cancel_scope.cancel()  # the pipeline is done: nothing in the background matters
+        cancel.clear()
 
-            tg.start_soon(watch)
-            tg.start_soon(work)
-
-    anyio.run(main)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        anyio.run(main)
+    finally:
+        cancel.clear()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if stopped:
-        raise KeyboardInterrupt
+        raise Interrupted(stopped[0])
 
 
 def _collect(engine: Aggregator, result: BackfillResult) -> None:

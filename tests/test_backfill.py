@@ -228,7 +228,7 @@ def test_wrong_key_exits_at_once_and_store_untouched(market, tmp_path, monkeypat
     monkeypatch.setenv("DATABENTO_API_KEY", "db-WrongKey0123456789abcdefghijk")
     store = tmp_path / "store"
     t0 = time.monotonic()
-    assert main(_args(store, market, "--yes")) == 1
+    assert main(_args(store, market, "--yes")) == 2  # the user must fix the key: like bad config
     err = capsys.readouterr().err
     assert "auth" in err.lower()
     assert "WrongKey" not in err
