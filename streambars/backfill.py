@@ -100,14 +100,25 @@ class BackfillResult:
     seconds: float = 0.0
 
 
+#: The range a backfill date may take: int64 nanoseconds since 1970 end in April 2262.
+FIRST_DAY = datetime(1970, 1, 1, tzinfo=UTC)
+LAST_DAY = datetime(2262, 4, 1, tzinfo=UTC)
+
+
 def parse_day(text: str, name: str) -> datetime:
     """'YYYY-MM-DD' or 'YYYY-MM' (first of the month) as a UTC datetime."""
     try:
         if len(text) == 7:
-            return datetime.strptime(text, "%Y-%m").replace(tzinfo=UTC)
-        return datetime.combine(date.fromisoformat(text), datetime.min.time(), UTC)
+            day = datetime.strptime(text, "%Y-%m").replace(tzinfo=UTC)
+        else:
+            day = datetime.combine(date.fromisoformat(text), datetime.min.time(), UTC)
     except ValueError:
         raise UsageError(f"--{name} {text!r} is not a date YYYY-MM-DD or a month YYYY-MM") from None
+    if not FIRST_DAY <= day <= LAST_DAY:
+        raise UsageError(
+            f"--{name} {text}: backfill dates lie between {FIRST_DAY:%Y-%m-%d} and {LAST_DAY:%Y-%m-%d} "
+            "(Databento's timestamps are nanoseconds since 1970)")
+    return day
 
 
 def _next_month(d: datetime) -> datetime:
@@ -311,11 +322,30 @@ async def _decode(
             yield batch
 
 
+def expand_dbn_paths(paths: Sequence[Path]) -> list[Path]:
+    """``--from-dbn`` arguments as files: a directory stands for the DBN files directly in it
+    (``*.dbn``, ``*.dbn.zst``, not hidden, not recursive, sorted); a missing path or a
+    directory without DBN files is a usage error naming it."""
+    out: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir()
+                           if f.name.endswith((".dbn", ".dbn.zst")) and not f.name.startswith(".") and f.is_file())
+            if not found:
+                raise UsageError(f"--from-dbn {p}: a directory without .dbn or .dbn.zst files in it")
+            out += found
+        elif p.is_file():
+            out.append(p)
+        elif p.exists():
+            raise UsageError(f"--from-dbn {p}: not a regular file")
+        else:
+            raise UsageError(f"--from-dbn {p}: no such file or directory")
+    return list(dict.fromkeys(out))
+
+
 def ingest_dbn_files(settings: Settings, paths: list[Path], out: TextIO = sys.stdout) -> BackfillResult:
     """`--from-dbn`: DBN files the user already has; no API key, same pipeline."""
-    for p in paths:
-        if not p.is_file():
-            raise UsageError(f"--from-dbn {p}: no such file")
+    paths = expand_dbn_paths(paths)
     infos = [dbnfile.describe(p) for p in paths]
     datasets = {i.dataset for i in infos}
     if len(datasets) != 1:

@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--yes", action="store_true", help="proceed even above --max-cost")
     p.add_argument("--dry-run", action="store_true", help="print the cost and plan, download nothing")
     p.add_argument("--force", action="store_true", help="re-download months already archived")
-    p.add_argument("--from-dbn", nargs="+", metavar="PATH", help="ingest DBN files instead (no API key)")
+    p.add_argument("--from-dbn", nargs="+", metavar="PATH", help="ingest DBN files instead (no API key); a directory means the "
+                   "*.dbn / *.dbn.zst files directly in it")
     p.set_defaults(handler=_cmd_backfill)
 
     p = sub.add_parser("run", help="the live daemon (Databento Live -> store)",
