@@ -8,11 +8,13 @@ validation found errors), 2 bad arguments or configuration, 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .startup import default_numba_cache_dir, ignore_stop_signals, interrupt_on_stop_signals
+from .startup import default_numba_cache_dir, interrupt_on_stop_signals
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import Settings
@@ -275,14 +277,37 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def console_main() -> None:
+    """The process entry point (``streambars``, ``python -m streambars``): run, then exit.
+
+    Process-wide set-up lives here, not in :func:`main` (which tests call in-process):
+    SIGTERM/SIGINT raise :class:`~streambars.errors.Interrupted` (a stop during the start-up
+    of `run` too; once running, the daemon's own receivers take over: drain, exit 0), and
+    tracebacks printed outside the main flow become log events.
+
+    A failed run exits with ``os._exit`` once its files are closed and its line printed:
+    after a write failure HDF5 can leave objects that crash the interpreter's final garbage
+    collection (SIGSEGV, seen after EFBIG), which would replace the documented exit code by
+    -11 and add "Exception ignored" tracebacks. Success takes the normal path."""
+    import os
+
     interrupt_on_stop_signals()
+    _quiet_background_errors()
+    code = main()
+    if code != EXIT_OK:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     try:
         default_numba_cache_dir()
         parser = build_parser()
         args = parser.parse_args(argv)
     except KeyboardInterrupt:
-        ignore_stop_signals()
         print("streambars: interrupted while starting; nothing was done", file=sys.stderr)
         return EXIT_INTERRUPTED
     if args.version:
@@ -350,23 +375,19 @@ def run_handler(handler: Handler, args: argparse.Namespace) -> int:
     """Load settings (before any work), set up logging, run the command; map every exception
     onto an exit code and one line ``streambars: ...`` on stderr (secrets scrubbed). No
     traceback reaches a user: it is printed above that line only with ``--log-level debug``."""
-    # Also for `run`: a stop during its start-up exits 130; once running, the daemon's own
-    # signal receivers take over (drain, exit 0).
-    interrupt_on_stop_signals()
-    debug = getattr(args, "log_level", None) == "debug"
+    global _debug
+    debug = _debug = getattr(args, "log_level", None) == "debug"
     try:
         from .observe import configure_logging
 
         settings = _settings(args)
-        debug = settings.logging.level == "debug"
+        debug = _debug = settings.logging.level == "debug"
         configure_logging(settings.logging.level, settings.logging.format)
         return handler(args, settings)
     except BaseException as caught:  # noqa: BLE001 - the last line of defence
         if isinstance(caught, SystemExit | GeneratorExit):
             raise
         e = _user_error(caught)
-        if isinstance(e, KeyboardInterrupt):
-            ignore_stop_signals()
         code, line = _exit_for(e)
         try:
             if debug and not isinstance(e, KeyboardInterrupt):
@@ -377,6 +398,50 @@ def run_handler(handler: Handler, args: argparse.Namespace) -> int:
         except (OSError, ValueError):  # stderr closed or broken: the exit code still says it
             pass
         return code
+
+
+_debug = False  # --log-level debug (or logging.level) of the running command
+
+
+def _quiet_background_errors() -> None:
+    """Errors Python would print as tracebacks outside the main flow — in a ``__del__`` or a
+    C extension's dealloc (printed through ``sys.excepthook``) (h5py closing an object of a file whose write failed: "Exception
+    ignored in ...") or in a thread — become one log event (JSON off a terminal); the
+    traceback only with --log-level debug. What failed is reported by the main flow."""
+
+    last: list[BaseException | None] = [None]
+
+    def log_it(where: str, exc: BaseException | None, tb: Any) -> None:
+        if exc is not None and exc is last[0]:  # Cython prints, then reports unraisable: once
+            return
+        last[0] = exc
+        try:
+            from .observe import get_logger
+
+            fields: dict[str, Any] = {"where": where, "error": _scrub(f"{type(exc).__name__}: {exc}")}
+            if _debug and exc is not None:
+                import traceback
+
+                fields["traceback"] = _scrub("".join(traceback.format_exception(type(exc), exc, tb)))
+            get_logger("streambars").warning("error ignored outside the main flow", **fields)
+        except Exception:  # noqa: BLE001, S110 - reporting must never raise from a hook
+            pass
+
+    def unraisable(u: Any) -> None:
+        log_it(str(u.object) if u.object is not None else (u.err_msg or "cleanup"), u.exc_value, u.exc_traceback)
+
+    def in_thread(a: threading.ExceptHookArgs) -> None:
+        if a.exc_type is SystemExit:
+            return
+        log_it(f"thread {a.thread.name if a.thread else '?'}", a.exc_value, a.exc_traceback)
+
+    def printed(kind: type[BaseException], exc: BaseException, tb: Any) -> None:
+        # Cython extensions (h5py's dealloc) print through sys.excepthook via PyErr_PrintEx.
+        log_it("extension cleanup", exc, tb)
+
+    sys.unraisablehook = unraisable
+    threading.excepthook = in_thread
+    sys.excepthook = printed
 
 
 def _scrub(text: str) -> str:
