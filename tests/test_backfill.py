@@ -246,7 +246,7 @@ def test_unknown_symbol_names_it(market, tmp_path, api_key, monkeypatch, capsys)
     monkeypatch.setenv("DATABENTO_API_KEY", api_key)
     args = _args(tmp_path / "store", market, "--yes")
     args[args.index("ES.c.0,NQ.c.0")] = "XX.c.0"
-    assert main(args) == 1
+    assert main(args) == 2  # bad input: the user fixes the symbol
     assert "XX.c.0" in capsys.readouterr().err
 
 

@@ -71,7 +71,10 @@ When = datetime | date | str | int | pd.Timestamp
 
 
 class UnknownSymbolError(SourceError):
-    """Databento could not resolve the symbol(s) in the dataset and range asked for."""
+    """Databento could not resolve the symbol(s) in the dataset and range asked for: the
+    user's input (symbol, stype, dataset) to fix, so exit 2 like any bad input."""
+
+    exit_code = 2
 
     def __init__(self, message: str, symbols: tuple[str, ...]):
         super().__init__(message)
