@@ -367,8 +367,9 @@ def _exit_for(e: BaseException) -> tuple[int, str]:
     if isinstance(e, MemoryError):
         return EXIT_FAILED, "out of memory; give the process more memory or fewer symbols per run"
     detail = " ".join(str(e).split()) or "(no message)"
-    return EXIT_FAILED, (f"internal error {type(e).__name__}: {detail[:300]} "
-                         "(a bug: rerun with --log-level debug for the traceback and report it)")
+    how = "report it with the traceback above" if _debug else \
+        "rerun with --log-level debug for the traceback and report it"
+    return EXIT_FAILED, f"internal error {type(e).__name__}: {detail[:300]} (a bug: {how})"
 
 
 def run_handler(handler: Handler, args: argparse.Namespace) -> int:

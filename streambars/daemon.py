@@ -24,8 +24,11 @@ One process, one anyio (asyncio) event loop::
   symbol list changed, the current epoch is drained and checkpointed and a new one starts
   with the new list (state round-trips through the files exactly as across a restart, so
   nothing is lost). Other changed keys are reported as needing a restart.
-* **Exit codes**: 0 clean stop; 1 failure (systemd restarts); 2 bad configuration or an
-  API key the gateway refused (``RestartPreventExitStatus=2``: restarting cannot help).
+* **Exit codes**: 0 clean stop; 1 failure (systemd restarts: disk full, the store, a bug);
+  2 bad configuration, an API key or a dataset the gateway refused
+  (``RestartPreventExitStatus=2``: restarting cannot help). Every failure is first one JSON
+  ``error`` event (cause, kind, exit code) and ``STATUS=failed: ...``, then one
+  ``streambars: ...`` line on stderr.
 """
 
 from __future__ import annotations

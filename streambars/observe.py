@@ -102,9 +102,26 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None
     # through the same scrubbing so their messages cannot leak the key either.
     handler = logging.StreamHandler(stream)
     handler.addFilter(_StdlibScrubber())
+    if fmt == "json":  # one JSON object a line, like every other event
+        handler.setFormatter(_JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(numeric, logging.WARNING))
+
+
+class _JsonFormatter(logging.Formatter):
+    """stdlib records (databento's own warnings, urllib3) in structlog's JSON shape."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        import json
+        from datetime import UTC, datetime
+
+        return json.dumps({
+            "event": record.getMessage(),
+            "logger": record.name,
+            "level": record.levelname.lower(),
+            "timestamp": datetime.fromtimestamp(record.created, UTC).isoformat().replace("+00:00", "Z"),
+        })
 
 
 class _StdlibScrubber(logging.Filter):
