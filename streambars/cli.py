@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import sys
 import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .startup import default_numba_cache_dir, interrupt_on_stop_signals
+from .startup import (
+    default_numba_cache_dir,
+    ignore_stop_signals,
+    interrupt_on_stop_signals,
+    redeliver_later,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import Settings
@@ -299,6 +305,11 @@ def console_main() -> None:
             with contextlib.suppress(OSError, ValueError):
                 stream.flush()
         os._exit(code)
+    # The work is done: a stop signal now changes nothing (it would only interrupt the
+    # interpreter's teardown), and objects in reference cycles (readers) are finalised
+    # while the modules they need still exist, not as "Exception ignored" at shutdown.
+    ignore_stop_signals()
+    gc.collect()
     sys.exit(code)
 
 
@@ -429,6 +440,14 @@ def _quiet_background_errors() -> None:
             pass
 
     def unraisable(u: Any) -> None:
+        if isinstance(u.exc_value, KeyboardInterrupt):
+            # The stop landed where Python swallows exceptions (a finaliser the handler did
+            # not recognise): deliver it again to the main flow, once this has returned.
+            import signal
+
+            interrupt_on_stop_signals()
+            redeliver_later(getattr(signal, getattr(u.exc_value, "signame", "SIGINT"), signal.SIGINT))
+            return
         log_it(str(u.object) if u.object is not None else (u.err_msg or "cleanup"), u.exc_value, u.exc_traceback)
 
     def in_thread(a: threading.ExceptHookArgs) -> None:

@@ -28,7 +28,29 @@ def default_numba_cache_dir() -> None:
         os.environ["NUMBA_CACHE_DIR"] = os.path.join(base, "streambars", "numba")
 
 
+def redeliver_later(signum: int, delay: float = 0.01) -> None:
+    """Send ``signum`` to this process again shortly, from a helper thread."""
+    import threading
+
+    timer = threading.Timer(delay, os.kill, (os.getpid(), signum))
+    timer.daemon = True
+    timer.start()
+
+
+def _in_finaliser(frame: Any) -> bool:
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _on_stop_signal(signum: int, frame: Any) -> None:
+    if _in_finaliser(frame):
+        # Python swallows an exception raised in __del__ (a reader being collected): the
+        # stop would be lost and the run go on to exit 0. Ask again once it has returned.
+        redeliver_later(signum)
+        return
     # One exception per run: further signals while the stack unwinds (files closing) are
     # ignored, so a second Ctrl-C cannot turn a clean stop into a traceback in a finally.
     ignore_stop_signals()
