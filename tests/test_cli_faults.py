@@ -413,3 +413,34 @@ def test_stop_signal_of_an_ingest(tmp_path):
     o = run_cli("backfill", "--store", str(tmp_path / "s"), "--from-dbn", str(SAMPLE),
                 "--log-format", "json", cwd=tmp_path, stop=(signal.SIGTERM, '"store.created"'))
     check("ingest SIGTERM at start", o, INTERRUPTED, "SIGTERM")
+
+
+def test_corrupt_download_after_the_retries(gateway, tmp_path, monkeypatch, capsys):
+    """Every answer corrupt: after the retries (shortened here), one line naming the month,
+    exit 1, nothing archived. In-process: the retry schedule is not a CLI option."""
+    from streambars.cli import main
+    from streambars.sources import historical
+
+    init = historical.HistoricalSource.__init__
+
+    def quick(self, *a, **kw):
+        init(self, *a, **{**kw, "retries": 1, "backoff_min": 0.01, "backoff_max": 0.02})
+
+    monkeypatch.setattr(historical.HistoricalSource, "__init__", quick)
+    for k, v in _env(gateway).items():
+        monkeypatch.setenv(k, v)
+    gateway.corrupt_next(4, "garbage")
+    store = tmp_path / "store"
+    try:
+        rc = main(_backfill(store, gateway, end="2024-02"))
+    finally:
+        with gateway._lock:
+            gateway._corrupt.clear()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("streambars:")]
+    TIMINGS.append({"case": "corrupt download (in-process)", "exit_code": rc,
+                    "first_stderr_line_s": None, "streambars_line_s": None})
+    assert rc == FAILED and len(lines) == 1, err[-3000:]
+    assert "ES.c.0" in lines[0] and "2024-01" in lines[0] and "still failing after 2 tries" in lines[0]
+    assert not list((store / DATASET / "raw").rglob("*.dbn.zst"))
