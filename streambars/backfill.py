@@ -289,6 +289,7 @@ def _run(
                 )
                 progress.units_done += 1
                 log.info("month done", symbol=chunk.symbol, month=chunk.key, **progress.fields())
+                _give_back_free_memory()
         yield FlushUntil(int(range_end.timestamp()) * 1_000_000_000)
         yield Checkpoint(tuple(registry.names))
 
@@ -304,6 +305,28 @@ def _run(
     _collect(engine, result)
     result.seconds = time.monotonic() - t0
     return result
+
+
+def _give_back_free_memory() -> None:
+    """Return the C heap's free pages to the OS (glibc ``malloc_trim``), once a month-chunk.
+
+    A month's batches are freed by then, but glibc keeps their memory in the arenas of the
+    worker threads that allocated them, fragmented: without this a 3-symbol, 16-timeframe
+    backfill grew ~6 MB a month (flat with it: 399 -> 430 MB over a year, same CPU time).
+    A no-op where there is no glibc."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Any = None
 
 
 async def _decode(
