@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .observe import default_numba_cache_dir
+from .startup import default_numba_cache_dir
 
 __version__ = "0.1.0"
 __all__ = ["__version__", "open_store"]

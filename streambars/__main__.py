@@ -2,6 +2,14 @@
 
 import sys
 
-from .cli import main
+from .startup import interrupt_on_stop_signals
 
-sys.exit(main())
+interrupt_on_stop_signals()  # before the heavy imports: a stop while importing exits 130 too
+
+try:
+    from .cli import console_main
+except KeyboardInterrupt:
+    print("streambars: interrupted while starting; nothing was done", file=sys.stderr)
+    sys.exit(130)
+
+console_main()

@@ -21,6 +21,7 @@ open in the saved state for the next input to complete.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -28,7 +29,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -42,7 +43,7 @@ from . import archive
 from .config import Settings, check_timeframes_fit, load_api_key
 from .engine import Aggregator
 from .engine.kernel import S_LAST
-from .errors import CostLimitError, UsageError
+from .errors import CostLimitError, Interrupted, UsageError
 from .ledger import EMPTY, LIVE, NS, Ledger, Span, span_key
 from .observe import Progress, TerminalProgress, get_logger
 from .pipeline import (
@@ -121,14 +122,25 @@ class BackfillResult:
     seconds: float = 0.0
 
 
+#: The range a backfill date may take: int64 nanoseconds since 1970 end in April 2262.
+FIRST_DAY = datetime(1970, 1, 1, tzinfo=UTC)
+LAST_DAY = datetime(2262, 4, 1, tzinfo=UTC)
+
+
 def parse_day(text: str, name: str) -> datetime:
     """'YYYY-MM-DD' or 'YYYY-MM' (first of the month) as a UTC datetime."""
     try:
         if len(text) == 7:
-            return datetime.strptime(text, "%Y-%m").replace(tzinfo=UTC)
-        return datetime.combine(date.fromisoformat(text), datetime.min.time(), UTC)
+            day = datetime.strptime(text, "%Y-%m").replace(tzinfo=UTC)
+        else:
+            day = datetime.combine(date.fromisoformat(text), datetime.min.time(), UTC)
     except ValueError:
         raise UsageError(f"--{name} {text!r} is not a date YYYY-MM-DD or a month YYYY-MM") from None
+    if not FIRST_DAY <= day <= LAST_DAY:
+        raise UsageError(
+            f"--{name} {text}: backfill dates lie between {FIRST_DAY:%Y-%m-%d} and {LAST_DAY:%Y-%m-%d} "
+            "(Databento's timestamps are nanoseconds since 1970)")
+    return day
 
 
 def _next_month(d: datetime) -> datetime:
@@ -496,59 +508,85 @@ class Runner:
         terminal = TerminalProgress(progress)
         client = self.client
 
-        async def source() -> AsyncIterator[PipelineItem]:
-            ready_send, ready_recv = anyio.create_memory_object_stream[tuple[Item, Path | None]](2)
+        # The download task runs beside the pipeline (in _run_with_signals' task group), not
+        # in a task group inside the source generator: a generator suspended at a yield inside
+        # a task group is finalised from another task when the pipeline stops (an error,
+        # SIGTERM), and anyio then raises "exit cancel scope in a different task" over the cause.
+        ready_send, ready_recv = anyio.create_memory_object_stream[tuple[Item, Path | None]](2)
 
-            async def download() -> None:
-                async with ready_send:
-                    for item in items:
-                        path = item.path
-                        if id(item) in fetch and client is not None:
-                            (symbol, ((a, b),)), = item.spans.items()
-                            log.info("downloading", symbol=symbol, span=item.label)
-                            try:
-                                await anyio.to_thread.run_sync(
-                                    lambda s=symbol, a=a, b=b, p=path: client.download_month(
-                                        db.dataset, s, db.schema, db.stype_in, a, b, p
-                                    )
+        async def download() -> None:
+            async with ready_send:
+                for item in items:
+                    path = item.path
+                    if id(item) in fetch and client is not None:
+                        (symbol, ((a, b),)), = item.spans.items()
+                        log.info("downloading", symbol=symbol, span=item.label)
+                        try:
+                            await anyio.to_thread.run_sync(
+                                lambda s=symbol, a=a, b=b, p=path: client.download_month(
+                                    db.dataset, s, db.schema, db.stype_in, a, b, p
                                 )
-                            except UnknownSymbolError:
-                                # Resolved for the range, not for this span (not listed yet, or
-                                # expired): nothing there, nothing archived, covered all the same.
-                                log.warning("symbol not listed in this span", symbol=symbol, span=item.label)
-                                path = None
-                            result.chunks_downloaded += 1
-                        await ready_send.send((item, path))
+                            )
+                        except UnknownSymbolError:
+                            # Resolved for the range, not for this span (not listed yet, or
+                            # expired): nothing there, nothing archived, covered all the same.
+                            log.warning("symbol not listed in this span", symbol=symbol, span=item.label)
+                            path = None
+                        result.chunks_downloaded += 1
+                    await ready_send.send((item, path))
 
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(download)
-                async with ready_recv:
-                    async for item, path in ready_recv:
-                        if path is not None:
-                            async for batch in _decode(item, path, registry, self.schema, self.stype,
-                                                       self.clock, resume, self.settings.bars.per_publisher):
-                                yield batch
-                                terminal.update(item.label)
-                        for name, spans in item.spans.items():
-                            if item.source != LIVE:
-                                for a, b in spans:
-                                    ledgers[name].add(Span(a, b, item.source if path else EMPTY, item.end_known))
-                        yield self._checkpoint(list(item.spans), registry, ledgers)
-                        progress.units_done += 1
-                        log.info("month done", month=item.label, **progress.fields())
-                if flush_end is not None:
-                    yield FlushUntil(flush_end)
-                yield self._checkpoint(list(ledgers), registry, ledgers)
+        async def source() -> AsyncIterator[PipelineItem]:
+            async with ready_recv:
+                async for item, path in ready_recv:
+                    if path is not None:
+                        async for batch in _decode(item, path, registry, self.schema, self.stype,
+                                                   self.clock, resume, self.settings.bars.per_publisher):
+                            yield batch
+                            terminal.update(item.label)
+                    for name, spans in item.spans.items():
+                        if item.source != LIVE:
+                            for a, b in spans:
+                                ledgers[name].add(Span(a, b, item.source if path else EMPTY, item.end_known))
+                    yield self._checkpoint(list(item.spans), registry, ledgers)
+                    progress.units_done += 1
+                    log.info("month done", month=item.label, **progress.fields())
+                    _give_back_free_memory()
+            if flush_end is not None:
+                yield FlushUntil(flush_end)
+            yield self._checkpoint(list(ledgers), registry, ledgers)
 
         result.stats.progress = progress
         try:
             _run_with_signals(
-                run_pipeline(source(), engine, writers, registry, stats=result.stats, queue_size=BACKFILL_QUEUE)
+                run_pipeline(source(), engine, writers, registry, stats=result.stats, queue_size=BACKFILL_QUEUE),
+                download,
             )
         finally:
             terminal.close()
         _collect(engine, result)
         result.seconds = time.monotonic() - self.t0
+
+
+def _give_back_free_memory() -> None:
+    """Return the C heap's free pages to the OS (glibc ``malloc_trim``), once a month-chunk.
+
+    A month's batches are freed by then, but glibc keeps their memory in the arenas of the
+    worker threads that allocated them, fragmented: without this a 3-symbol, 16-timeframe
+    backfill grew ~6 MB a month (flat with it: 399 -> 430 MB over a year, same CPU time).
+    A no-op where there is no glibc."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Any = None
 
 
 def _rebuild_items_or_fetch(settings: Settings, dataset: str, name: str, ledger: Ledger,
@@ -674,6 +712,27 @@ def _keep_input(raw: Path, path: Path) -> str:
     return rel
 
 
+def expand_dbn_paths(paths: Sequence[Path]) -> list[Path]:
+    """``--from-dbn`` arguments as files: a directory stands for the DBN files directly in it
+    (``*.dbn``, ``*.dbn.zst``, not hidden, not recursive, sorted); a missing path or a
+    directory without DBN files is a usage error naming it."""
+    out: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir()
+                           if f.name.endswith((".dbn", ".dbn.zst")) and not f.name.startswith(".") and f.is_file())
+            if not found:
+                raise UsageError(f"--from-dbn {p}: a directory without .dbn or .dbn.zst files in it")
+            out += found
+        elif p.is_file():
+            out.append(p)
+        elif p.exists():
+            raise UsageError(f"--from-dbn {p}: not a regular file")
+        else:
+            raise UsageError(f"--from-dbn {p}: no such file or directory")
+    return list(dict.fromkeys(out))
+
+
 def ingest_dbn_files(
     settings: Settings, paths: list[Path], out: TextIO = sys.stdout, end: str | None = None
 ) -> BackfillResult:
@@ -683,9 +742,7 @@ def ingest_dbn_files(
     compressed file (a zstd frame cut short is detected), else -- a live capture, or a plain
     file that may have been cut at a record boundary -- one past its last record, unless
     ``end`` ('YYYY-MM-DD') declares the inputs complete up to then."""
-    for p in paths:
-        if not p.is_file():
-            raise UsageError(f"--from-dbn {p}: no such file")
+    paths = expand_dbn_paths(paths)
     infos = [dbnfile.describe(p) for p in paths]
     datasets = {i.dataset for i in infos}
     if len(datasets) != 1:
@@ -756,32 +813,49 @@ def ingest_dbn_files(
     return result
 
 
-def _run_with_signals(coro: Any) -> None:
-    """Run the pipeline; SIGTERM behaves like Ctrl-C: stop, keep what was flushed."""
-    stopped = False
+def _run_with_signals(coro: Any, *background: Callable[[], Awaitable[None]]) -> None:
+    """Run the pipeline (and ``background`` tasks beside it); SIGTERM and SIGINT stop it the same way: cancel, keep what was
+    flushed, then raise :class:`~streambars.errors.Interrupted` (the CLI exits 130).
+
+    Plain ``signal.signal`` handlers (not anyio's receiver) for the whole run, restored
+    after: asyncio's ``remove_signal_handler`` resets SIGTERM to SIG_DFL, so a signal landing
+    while the loop shuts down would kill the process; and a KeyboardInterrupt raised inside
+    the event loop comes out as an anyio RuntimeError with a long traceback."""
+    stopped: list[str] = []
+    cancel: list[Any] = []
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if not stopped:
+            log.warning("stopping; the month in progress is redone next time",
+                        signal=signal.Signals(signum).name)
+        stopped.append(signal.Signals(signum).name)
+        if cancel:
+            cancel[0]()
 
     async def main() -> None:
+        if stopped:
+            coro.close()
+            return
         async with unwrapped(), anyio.create_task_group() as tg:
-
-            async def watch() -> None:
-                nonlocal stopped
-                with anyio.open_signal_receiver(signal.SIGTERM) as signals:
-                    async for _ in signals:
-                        log.warning("SIGTERM: stopping; the month in progress is redone next time")
-                        stopped = True
-                        tg.cancel_scope.cancel()
-                        return
-
-            async def work() -> None:
-                await coro
+            loop = asyncio.get_running_loop()
+            cancel.append(lambda: loop.call_soon_threadsafe(tg.cancel_scope.cancel))
+            if stopped:
                 tg.cancel_scope.cancel()
+            for task in background:
+                tg.start_soon(task)
+            await coro
+            tg.cancel_scope.cancel()  # the pipeline is done: nothing in the background matters
+        cancel.clear()
 
-            tg.start_soon(watch)
-            tg.start_soon(work)
-
-    anyio.run(main)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        anyio.run(main)
+    finally:
+        cancel.clear()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if stopped:
-        raise KeyboardInterrupt
+        raise Interrupted(stopped[0])
 
 
 def _collect(engine: Aggregator, result: BackfillResult) -> None:

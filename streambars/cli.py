@@ -8,11 +8,19 @@ validation found errors), 2 bad arguments or configuration, 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .observe import default_numba_cache_dir
+from .startup import (
+    default_numba_cache_dir,
+    ignore_stop_signals,
+    interrupt_on_stop_signals,
+    redeliver_later,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import Settings
@@ -106,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--yes", action="store_true", help="proceed even above --max-cost")
     p.add_argument("--dry-run", action="store_true", help="print the cost and plan, download nothing")
     p.add_argument("--force", action="store_true", help="re-download months already archived")
-    p.add_argument("--from-dbn", nargs="+", metavar="PATH", help="ingest DBN files instead (no API key)")
+    p.add_argument("--from-dbn", nargs="+", metavar="PATH", help="ingest DBN files instead (no API key); a directory means the "
+                   "*.dbn / *.dbn.zst files directly in it")
     p.set_defaults(handler=_cmd_backfill)
 
     p = sub.add_parser("run", help="the live daemon (Databento Live -> store)",
@@ -279,10 +288,44 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def console_main() -> None:
+    """The process entry point (``streambars``, ``python -m streambars``): run, then exit.
+
+    Process-wide set-up lives here, not in :func:`main` (which tests call in-process):
+    SIGTERM/SIGINT raise :class:`~streambars.errors.Interrupted` (a stop during the start-up
+    of `run` too; once running, the daemon's own receivers take over: drain, exit 0), and
+    tracebacks printed outside the main flow become log events.
+
+    A failed run exits with ``os._exit`` once its files are closed and its line printed:
+    after a write failure HDF5 can leave objects that crash the interpreter's final garbage
+    collection (SIGSEGV, seen after EFBIG), which would replace the documented exit code by
+    -11 and add "Exception ignored" tracebacks. Success takes the normal path."""
+    import os
+
+    interrupt_on_stop_signals()
+    _quiet_background_errors()
+    code = main()
+    if code != EXIT_OK:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        os._exit(code)
+    # The work is done: a stop signal now changes nothing (it would only interrupt the
+    # interpreter's teardown), and objects in reference cycles (readers) are finalised
+    # while the modules they need still exist, not as "Exception ignored" at shutdown.
+    ignore_stop_signals()
+    gc.collect()
+    sys.exit(code)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    default_numba_cache_dir()
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        default_numba_cache_dir()
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        print("streambars: interrupted while starting; nothing was done", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if args.version:
         from . import __version__
 
@@ -295,26 +338,146 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_handler(handler, args)
 
 
-def run_handler(handler: Handler, args: argparse.Namespace) -> int:
-    """Load settings (before any work), set up logging, run the command; map the library's
-    exceptions onto exit codes and one clear line on stderr."""
+def _flatten(e: BaseException) -> list[BaseException]:
+    if isinstance(e, BaseExceptionGroup):
+        return [x for sub in e.exceptions for x in _flatten(sub)]
+    return [e]
+
+
+def _user_error(e: BaseException) -> BaseException:
+    """The error to report for ``e``: the most telling member of an exception group (an
+    interrupt wins: the user asked to stop, the rest is its consequence)."""
+    if not isinstance(e, BaseExceptionGroup):
+        return e
+    flat = _flatten(e)
+    for x in flat:
+        if isinstance(x, KeyboardInterrupt):
+            return x
+    from .pipeline import most_telling_error
+
+    return most_telling_error(e)
+
+
+def describe_os_error(e: OSError) -> str:
+    """'No space left on device (errno 28): /path' — the OS's words, the file and the number."""
+    what = e.strerror or str(e) or type(e).__name__
+    where = ": ".join(str(f) for f in (e.filename, e.filename2) if f)
+    code = f" (errno {e.errno})" if e.errno else ""
+    return f"{what}{code}{': ' + where if where else ''}"
+
+
+def _exit_for(e: BaseException) -> tuple[int, str]:
+    """Exit code and the one line to print for an exception that ended a command."""
     from .config import ConfigError
     from .errors import StreambarsError
-    from .observe import configure_logging, scrub
 
+    if isinstance(e, KeyboardInterrupt):
+        name = getattr(e, "signame", "SIGINT")
+        return EXIT_INTERRUPTED, f"interrupted ({name}); what was flushed is kept, rerun to resume"
+    if isinstance(e, ConfigError):
+        return EXIT_USAGE, str(e)
+    if isinstance(e, StreambarsError):
+        return e.exit_code, str(e)
+    if isinstance(e, OSError):
+        return EXIT_FAILED, f"{describe_os_error(e)}; fix the cause and rerun"
+    if isinstance(e, MemoryError):
+        return EXIT_FAILED, "out of memory; give the process more memory or fewer symbols per run"
+    detail = " ".join(str(e).split()) or "(no message)"
+    how = "report it with the traceback above" if _debug else \
+        "rerun with --log-level debug for the traceback and report it"
+    return EXIT_FAILED, f"internal error {type(e).__name__}: {detail[:300]} (a bug: {how})"
+
+
+def run_handler(handler: Handler, args: argparse.Namespace) -> int:
+    """Load settings (before any work), set up logging, run the command; map every exception
+    onto an exit code and one line ``streambars: ...`` on stderr (secrets scrubbed). No
+    traceback reaches a user: it is printed above that line only with ``--log-level debug``."""
+    global _debug
+    debug = _debug = getattr(args, "log_level", None) == "debug"
     try:
+        from .observe import configure_logging
+
         settings = _settings(args)
+        debug = _debug = settings.logging.level == "debug"
         configure_logging(settings.logging.level, settings.logging.format)
         return handler(args, settings)
-    except ConfigError as e:
-        print(f"streambars: {scrub(str(e))}", file=sys.stderr)
-        return EXIT_USAGE
-    except StreambarsError as e:
-        print(f"streambars: {scrub(str(e))}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("streambars: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except BaseException as caught:  # noqa: BLE001 - the last line of defence
+        if isinstance(caught, SystemExit | GeneratorExit):
+            raise
+        e = _user_error(caught)
+        code, line = _exit_for(e)
+        try:
+            if debug and not isinstance(e, KeyboardInterrupt):
+                import traceback
+
+                sys.stderr.write(_scrub("".join(traceback.format_exception(caught))))
+            print(f"streambars: {_scrub(line)}", file=sys.stderr, flush=True)
+        except (OSError, ValueError):  # stderr closed or broken: the exit code still says it
+            pass
+        return code
+
+
+_debug = False  # --log-level debug (or logging.level) of the running command
+
+
+def _quiet_background_errors() -> None:
+    """Errors Python would print as tracebacks outside the main flow — in a ``__del__`` or a
+    C extension's dealloc (printed through ``sys.excepthook``) (h5py closing an object of a file whose write failed: "Exception
+    ignored in ...") or in a thread — become one log event (JSON off a terminal); the
+    traceback only with --log-level debug. What failed is reported by the main flow."""
+
+    last: list[BaseException | None] = [None]
+
+    def log_it(where: str, exc: BaseException | None, tb: Any) -> None:
+        if exc is not None and exc is last[0]:  # Cython prints, then reports unraisable: once
+            return
+        last[0] = exc
+        try:
+            from .observe import get_logger
+
+            fields: dict[str, Any] = {"where": where, "error": _scrub(f"{type(exc).__name__}: {exc}")}
+            if _debug and exc is not None:
+                import traceback
+
+                fields["traceback"] = _scrub("".join(traceback.format_exception(type(exc), exc, tb)))
+            get_logger("streambars").warning("error ignored outside the main flow", **fields)
+        except Exception:  # noqa: BLE001, S110 - reporting must never raise from a hook
+            pass
+
+    def unraisable(u: Any) -> None:
+        if isinstance(u.exc_value, KeyboardInterrupt):
+            # The stop landed where Python swallows exceptions (a finaliser the handler did
+            # not recognise): deliver it again to the main flow, once this has returned.
+            import signal
+
+            interrupt_on_stop_signals()
+            redeliver_later(getattr(signal, getattr(u.exc_value, "signame", "SIGINT"), signal.SIGINT))
+            return
+        log_it(str(u.object) if u.object is not None else (u.err_msg or "cleanup"), u.exc_value, u.exc_traceback)
+
+    def in_thread(a: threading.ExceptHookArgs) -> None:
+        if a.exc_type is SystemExit:
+            return
+        log_it(f"thread {a.thread.name if a.thread else '?'}", a.exc_value, a.exc_traceback)
+
+    def printed(kind: type[BaseException], exc: BaseException, tb: Any) -> None:
+        # Cython extensions (h5py's dealloc) print through sys.excepthook via PyErr_PrintEx.
+        log_it("extension cleanup", exc, tb)
+
+    sys.unraisablehook = unraisable
+    threading.excepthook = in_thread
+    sys.excepthook = printed
+
+
+def _scrub(text: str) -> str:
+    """observe.scrub, even when the interrupt came while observe was being imported."""
+    try:
+        from .observe import scrub
+    except Exception:  # noqa: BLE001 - a half-imported structlog must not hide the message
+        import re
+
+        return re.sub(r"db-[A-Za-z0-9]{20,}", "<redacted>", text)
+    return scrub(text)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -181,6 +181,8 @@ def _convert(key: str, value: Any) -> Any:  # noqa: C901 - one flat table of key
             _expect(key, value, list, "a list of symbol strings")
             if not all(isinstance(s, str) and s.strip() for s in value):
                 raise ConfigError(key, value, "a list of non-empty symbol strings")
+            if any(not s.isprintable() for s in value):  # NUL, newline...: no file or request holds them
+                raise ConfigError(key, value, "symbols without control characters (NUL, newline, tab)")
             return tuple(value)
         case "databento.historical_gateway":
             v = _expect(key, value, str, "a URL such as https://hist.databento.com")

@@ -24,8 +24,11 @@ One process, one anyio (asyncio) event loop::
   symbol list changed, the current epoch is drained and checkpointed and a new one starts
   with the new list (state round-trips through the files exactly as across a restart, so
   nothing is lost). Other changed keys are reported as needing a restart.
-* **Exit codes**: 0 clean stop; 1 failure (systemd restarts); 2 bad configuration or an
-  API key the gateway refused (``RestartPreventExitStatus=2``: restarting cannot help).
+* **Exit codes**: 0 clean stop; 1 failure (systemd restarts: disk full, the store, a bug);
+  2 bad configuration, an API key or a dataset the gateway refused
+  (``RestartPreventExitStatus=2``: restarting cannot help). Every failure is first one JSON
+  ``error`` event (cause, kind, exit code) and ``STATUS=failed: ...``, then one
+  ``streambars: ...`` line on stderr.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from typing import TextIO
 import anyio
 
 from .config import ConfigError, Settings, load_api_key, load_settings
-from .errors import AuthenticationError, StoreError, StreambarsError
+from .errors import AuthenticationError, DatasetError, StoreError, StreambarsError
 from .metrics import DaemonMetrics
 from .notify import Notifier, WatchdogGate
 from .observe import configure_logging, get_logger, scrub
@@ -369,13 +372,25 @@ def run_daemon(settings: Settings, env_file: str | os.PathLike[str] | None = ".e
     )
     try:
         return anyio.run(daemon.main, backend="asyncio")
+    except DatasetError as e:
+        return _fatal(daemon, "the Live gateway does not serve this dataset; check databento.dataset",
+                      e, EXIT_CONFIG, settings)
     except AuthenticationError as e:
         return _fatal(daemon, "the Live gateway refused the API key; not retrying", e, EXIT_CONFIG,
                       settings)
-    except (ConfigError, StreambarsError) as e:
-        # The CLI prints the one-line message and picks the exit code; say it in the log too.
-        log.error("stopped by an error", error=scrub(str(e)), kind=type(e).__name__)
-        daemon.notifier.notify(STATUS=f"failed: {scrub(str(e))}")
+    except KeyboardInterrupt:
+        raise  # a stop before the signal receivers were installed: the CLI says so, exit 130
+    except BaseException as e:
+        # Every other failure (StoreError on disk full, an OSError, a bug) is one JSON error
+        # event in the journal and STATUS=; the CLI prints the one line and picks the exit
+        # code (2 for configuration, else 1: systemd restarts).
+        from .pipeline import most_telling_error
+
+        cause = most_telling_error(e) if isinstance(e, BaseExceptionGroup) else e
+        log.error("stopped by an error", error=scrub(f"{cause}" or type(cause).__name__),
+                  kind=type(cause).__name__,
+                  exit_code=EXIT_CONFIG if isinstance(cause, ConfigError) else getattr(cause, "exit_code", EXIT_FAILED))
+        daemon.notifier.notify(STATUS=f"failed: {scrub(str(cause))}")
         raise
     finally:
         log_file.close()
@@ -385,6 +400,6 @@ def _fatal(daemon: Daemon, what: str, e: BaseException, code: int, settings: Set
     msg = scrub(str(e))
     log.error(what, error=msg, exit_code=code)
     daemon.notifier.notify(STATUS=f"failed: {what}: {msg}", ERRNO=13)
-    if settings.logging.file:
-        print(f"streambars: {what}: {msg}", file=sys.stderr)
+    # The same one line as every other failure (the event above is the journal's JSON).
+    print(f"streambars: {what}: {msg}", file=sys.stderr, flush=True)
     return code

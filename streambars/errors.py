@@ -1,7 +1,9 @@
 """The errors streambars raises on purpose: each says what was wrong, and carries its exit code.
 
-The CLI prints ``str(error)`` as one line (secrets scrubbed) and exits with ``exit_code``;
-anything else that escapes is a bug and gets a traceback.
+The CLI prints ``str(error)`` as one line (secrets scrubbed) and exits with ``exit_code``:
+2 when the user must change something (arguments, configuration, key, dataset), 1 when
+the work failed. Anything else that escapes is a bug: the CLI still prints one line and
+exits 1, and shows the traceback only with ``--log-level debug``.
 """
 
 from __future__ import annotations
@@ -50,7 +52,16 @@ class SourceError(StreambarsError):
 
 
 class AuthenticationError(SourceError):
-    """The API key was refused; retrying cannot help."""
+    """The API key was refused; retrying cannot help (exit 2, like the daemon: fix the key)."""
+
+    exit_code = 2
+
+
+class DatasetError(SourceError):
+    """Databento does not serve the dataset asked for (or not to this key): the user's
+    configuration is wrong, not the key and not the network, so exit 2."""
+
+    exit_code = 2
 
 
 class CostLimitError(StreambarsError):
@@ -69,3 +80,12 @@ class RuleViolationError(StreambarsError):
             f"validation rule {rule} (policy fail) broken by {series} at {when} "
             f"(ts_event={ts_event}){': ' + detail if detail else ''}"
         )
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGINT of a one-shot command, as the same exception as Ctrl-C (so every
+    ``finally`` closes its files) but naming the signal; the CLI exits 130."""
+
+    def __init__(self, signame: str = "SIGINT"):
+        super().__init__(signame)
+        self.signame = signame

@@ -24,7 +24,7 @@ import numpy as np
 from .errors import StoreError, UsageError
 from .records import FIXED_PRICE_SCALE
 from .store import StoreReader, ns_to_iso, symbol_to_filename, to_ns
-from .store.layout import timeframe_name
+from .timeframes import TimeframeError, parse_timeframe
 
 CSV_HEADER = "ts_event,open,high,low,close,volume,count\n"
 PRICE_FIELDS = ("open", "high", "low", "close")
@@ -130,6 +130,29 @@ def _arrow_table(bars: np.ndarray) -> Any:
     return pa.Table.from_arrays(cols, schema=_arrow_schema())
 
 
+def time_bound(value: Any, what: str) -> int | None:
+    """A --start/--end as int ns, where a date beyond what int64 nanoseconds can hold
+    (before 1677-09-22 or after 2262-04-11, e.g. 0001-01-01 or 9999-12-31) means "no bound"
+    on that side rather than an overflow: every stored bar lies inside that range. A start
+    after it (or an end before it) selects nothing, as it says."""
+    if value is None or isinstance(value, int | np.integer) or value == "":
+        return None if value == "" else value
+    import pandas as pd
+
+    try:
+        return to_ns(value, what)
+    except (OverflowError, pd.errors.OutOfBoundsDatetime):
+        pass
+    try:
+        year = pd.Timestamp(value).year
+    except (ValueError, TypeError, OverflowError):
+        raise UsageError(f"--{what} {value!r} is not a date or time (ISO-8601, e.g. 2024-03-01)") from None
+    low_side = year < 1970
+    if (what == "start") == low_side:
+        return None  # a start before every bar, an end after every bar: no bound
+    return np.iinfo(np.int64).min + 1 if low_side else np.iinfo(np.int64).max
+
+
 def _blocks(reader: StoreReader, symbol: str, tf: str, start: Any, end: Any, dataset: str | None) -> Iterator[np.ndarray]:
     """The range in blocks of BLOCK_ROWS rows (each found by the reader's binary search)."""
     t0, t1 = to_ns(start, "start"), to_ns(end, "end")
@@ -166,7 +189,11 @@ def export_bars(
         raise UsageError(f"export split {split!r} is not one of {', '.join(SPLITS)}")
     if fmt == "parquet":
         _pyarrow()
-    tf = timeframe_name(timeframe)
+    try:
+        tf = parse_timeframe(timeframe).name
+    except TimeframeError as e:
+        raise UsageError(f"--timeframe: {e}") from None
+    t0, t1 = time_bound(start, "start"), time_bound(end, "end")
     out = Path(out)
     ext = "csv" if fmt == "csv" else "parquet"
     stem = symbol_to_filename(symbol)
@@ -175,7 +202,7 @@ def export_bars(
         sink: _Sink | None = None
         month: np.datetime64 | None = None
         try:
-            for block in _blocks(reader, symbol, tf, start, end, dataset):
+            for block in _blocks(reader, symbol, tf, t0, t1, dataset):
                 if split == "none":
                     if sink is None:
                         target = out / f"{stem}_{tf}.{ext}" if out.is_dir() else out
@@ -183,6 +210,10 @@ def export_bars(
                     sink.write(block)
                     continue
                 months = block["ts_event"].astype("datetime64[ns]").astype("datetime64[M]")
+                if np.isnat(months).any():  # int64's minimum is numpy's NaT: no month to file it in
+                    raise StoreError(
+                        f"{symbol} {tf}: a stored row has ts_event {np.iinfo(np.int64).min} (not a time), "
+                        "so it has no month file; run `streambars validate` on this store")
                 cuts = np.flatnonzero(months[1:] != months[:-1]) + 1
                 for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, months.size], strict=True):
                     if months[lo] != month:

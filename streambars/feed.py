@@ -35,7 +35,7 @@ import numpy as np
 from anyio.abc import ObjectSendStream
 
 from . import archive as archive_mod
-from .errors import AuthenticationError, SourceError
+from .errors import AuthenticationError, DatasetError, SourceError, StoreError
 from .observe import get_logger, scrub
 from .pipeline import (
     Checkpoint,
@@ -193,8 +193,8 @@ class Epoch:
                 session = self._session(start)
                 try:
                     await session.connect()
-                except AuthenticationError:
-                    raise
+                except (AuthenticationError, DatasetError):
+                    raise  # retrying cannot help: the daemon exits 2
                 except (SourceError, OSError, ValueError) as e:
                     await _close_session(session)
                     delay = backoff.next()
@@ -373,11 +373,19 @@ class Epoch:
 
     async def _archive(self, records: np.ndarray, series: np.ndarray) -> None:
         n = len(records)
-        if n >= ARCHIVE_THREAD_RECORDS:
-            # zstd releases the GIL: a big batch compresses while the loop keeps reading.
-            await anyio.to_thread.run_sync(self.archive.append_batch, records, series, self.registry.names)
-        elif n:
-            self.archive.append_batch(records, series, self.registry.names)
+        try:
+            if n >= ARCHIVE_THREAD_RECORDS:
+                # zstd releases the GIL: a big batch compresses while the loop keeps reading.
+                await anyio.to_thread.run_sync(self.archive.append_batch, records, series, self.registry.names)
+            elif n:
+                self.archive.append_batch(records, series, self.registry.names)
+        except OSError as e:
+            # Disk full, quota, read-only remount: fatal (exit 1, systemd restarts); what was
+            # appended before is intact (each frame is flushed), the rest is replayed.
+            where = e.filename or f"{self.settings.store.path}/{self.settings.databento.dataset}/raw"
+            raise StoreError(
+                f"appending to the raw archive {where} failed: {e.strerror or e} (errno {e.errno}); "
+                "free space and restart: what was stored is kept and the rest is replayed") from None
 
     async def _control(self, ev: LiveEvent) -> str | None:
         """Act on a control event; a string means: end this connection for that reason."""

@@ -9,7 +9,6 @@ caller or a library exception message carries it.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import sys
 import time
@@ -18,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
+
+from .startup import default_numba_cache_dir  # noqa: F401 - re-exported: its old home
 
 _SECRETS: set[str] = set()
 # Databento keys are 'db-' + 29 alphanumerics; catch them even when never registered.
@@ -101,9 +102,26 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None
     # through the same scrubbing so their messages cannot leak the key either.
     handler = logging.StreamHandler(stream)
     handler.addFilter(_StdlibScrubber())
+    if fmt == "json":  # one JSON object a line, like every other event
+        handler.setFormatter(_JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(numeric, logging.WARNING))
+
+
+class _JsonFormatter(logging.Formatter):
+    """stdlib records (databento's own warnings, urllib3) in structlog's JSON shape."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        import json
+        from datetime import UTC, datetime
+
+        return json.dumps({
+            "event": record.getMessage(),
+            "logger": record.name,
+            "level": record.levelname.lower(),
+            "timestamp": datetime.fromtimestamp(record.created, UTC).isoformat().replace("+00:00", "Z"),
+        })
 
 
 class _StdlibScrubber(logging.Filter):
@@ -115,19 +133,6 @@ class _StdlibScrubber(logging.Filter):
 
 def get_logger(name: str | None = None, **bound: Any) -> structlog.typing.FilteringBoundLogger:
     return structlog.get_logger(name, **bound)
-
-
-def default_numba_cache_dir() -> None:
-    """Point numba's cache at a writable place when the package directory is read-only.
-
-    Must run before numba is imported; an explicit NUMBA_CACHE_DIR always wins.
-    """
-    if "NUMBA_CACHE_DIR" in os.environ:
-        return
-    pkg_dir = os.path.dirname(os.path.abspath(__file__))
-    if not os.access(pkg_dir, os.W_OK):
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        os.environ["NUMBA_CACHE_DIR"] = os.path.join(base, "streambars", "numba")
 
 
 @dataclass

@@ -231,7 +231,7 @@ def test_wrong_key_exits_at_once_and_store_untouched(market, tmp_path, monkeypat
     monkeypatch.setenv("DATABENTO_API_KEY", "db-WrongKey0123456789abcdefghijk")
     store = tmp_path / "store"
     t0 = time.monotonic()
-    assert main(_args(store, market, "--yes")) == 1
+    assert main(_args(store, market, "--yes")) == 2  # the user must fix the key: like bad config
     err = capsys.readouterr().err
     assert "auth" in err.lower()
     assert "WrongKey" not in err
@@ -249,7 +249,7 @@ def test_unknown_symbol_names_it(market, tmp_path, api_key, monkeypatch, capsys)
     monkeypatch.setenv("DATABENTO_API_KEY", api_key)
     args = _args(tmp_path / "store", market, "--yes")
     args[args.index("ES.c.0,NQ.c.0")] = "XX.c.0"
-    assert main(args) == 1
+    assert main(args) == 2  # bad input: the user fixes the symbol
     assert "XX.c.0" in capsys.readouterr().err
 
 

@@ -3,6 +3,7 @@ work, logs are JSON lines off a terminal, and the demo runs end to end from a cl
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -74,3 +75,48 @@ def test_demo_runs_from_a_clean_folder_and_logs_json(tmp_path):
     p2 = _run("demo", cwd=tmp_path)
     assert p2.returncode == 0
     assert "0 bars written" in p2.stdout
+
+
+def _fake_args(**kw) -> argparse.Namespace:
+    return argparse.Namespace(config=None, overrides=[], log_format="json", **kw)
+
+
+def _boom(args, settings):
+    raise RuntimeError("kaboom with db-" + "Secret0123456789abcdefghijkl")
+
+
+def test_an_unexpected_error_is_one_line_and_exit_1(capsys):
+    from streambars.cli import run_handler
+
+    assert run_handler(_boom, _fake_args(log_level="info")) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("streambars:")]
+    assert len(lines) == 1 and "RuntimeError: kaboom" in lines[0] and "--log-level debug" in lines[0]
+    assert "Secret0123" not in err
+
+
+def test_the_traceback_only_with_log_level_debug(capsys):
+    from streambars.cli import run_handler
+
+    assert run_handler(_boom, _fake_args(log_level="debug")) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "_boom" in err and "RuntimeError: kaboom with <redacted>" in err
+    assert err.rstrip().splitlines()[-1].startswith("streambars: internal error RuntimeError")
+
+
+def test_exception_groups_report_their_most_telling_member(capsys):
+    from streambars.cli import run_handler
+    from streambars.errors import Interrupted, StoreError, UsageError
+
+    def group(*errors):
+        def handler(args, settings):
+            raise BaseExceptionGroup("tasks", list(errors))
+        return handler
+
+    assert run_handler(group(RuntimeError("secondary"), UsageError("bad --start")), _fake_args()) == 2
+    assert capsys.readouterr().err.strip().endswith("streambars: bad --start")
+    assert run_handler(group(StoreError("disk"), Interrupted("SIGTERM")), _fake_args()) == 130
+    assert "interrupted (SIGTERM)" in capsys.readouterr().err
+    assert run_handler(group(OSError(28, "No space left on device", "/x/y.h5")), _fake_args()) == 1
+    assert "No space left on device (errno 28): /x/y.h5" in capsys.readouterr().err

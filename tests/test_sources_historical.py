@@ -190,3 +190,23 @@ def test_slow_gateway_times_out_and_is_retried(hist: FakeHistorical, api_key: st
         src.get_cost(DS, ["NQH4"], "ohlcv-1s", "raw_symbol", JAN, FEB)
     hist.latency = 0.05
     assert src.get_cost(DS, ["NQH4"], "ohlcv-1s", "raw_symbol", JAN, FEB) > 0
+
+
+def test_a_local_disk_error_under_a_download_is_told_apart_from_the_network():
+    import errno
+
+    import requests
+    from databento.common.error import BentoError
+
+    from streambars.sources.historical import _local_write_error
+
+    # What the client raises when write() fails under it (the OSError is not kept as cause).
+    full = BentoError("Error streaming response: [Errno 28] No space left on device")
+    assert _local_write_error(full) == "No space left on device (errno 28)"
+    assert _local_write_error(OSError(errno.EFBIG, "File too large")) == "File too large (errno 27)"
+    # The network failing mid-body is retried, not reported as a disk problem.
+    reset = BentoError("Error streaming response: ('Connection broken: ConnectionResetError(104, "
+                       "'Connection reset by peer')', ConnectionResetError(104, ...))")
+    assert _local_write_error(reset) is None
+    assert _local_write_error(requests.ConnectionError("refused")) is None
+    assert _local_write_error(BentoError("Error streaming response: [Errno 104] Connection reset")) is None

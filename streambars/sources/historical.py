@@ -14,7 +14,13 @@ ISO strings or integer nanoseconds; ``end`` is exclusive.
 
 Errors (all :class:`~streambars.errors.SourceError`, messages never carry the API key):
 
-* 401/403 -> :class:`~streambars.errors.AuthenticationError` at once, no retry.
+* 401/403 -> :class:`~streambars.errors.AuthenticationError` at once, no retry (exit 2).
+* 400/403/404/422 whose detail names the dataset (``case`` ``dataset_*`` or the message) ->
+  :class:`~streambars.errors.DatasetError` (exit 2): a wrong dataset is not a refused key.
+* The local disk failing under a download (ENOSPC, EFBIG, EDQUOT, EROFS, EACCES, ...; the
+  client reports it as ``BentoError('Error streaming response: [Errno 28] ...')``) ->
+  :class:`~streambars.errors.StoreError` at once naming the month and directory: retrying
+  cannot help, and the partial temp file is removed.
 * 422 ``symbology_invalid_request`` / 404 -> :class:`UnknownSymbolError` naming the symbol(s),
   no retry. (Databento also answers this for a range in which a *real* symbol resolved to
   nothing, e.g. a raw futures symbol before its listing: call :meth:`resolve_symbols` over the
@@ -40,7 +46,10 @@ is honoured too (the client itself would silently switch it to https).
 
 from __future__ import annotations
 
+import errno
+import os
 import random
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -51,7 +60,7 @@ from typing import Any, TypeVar
 import pandas as pd
 
 from .. import archive
-from ..errors import AuthenticationError, SourceError
+from ..errors import AuthenticationError, DatasetError, SourceError, StoreError
 from ..observe import get_logger, register_secret, scrub
 from . import dbnfile
 
@@ -62,7 +71,10 @@ When = datetime | date | str | int | pd.Timestamp
 
 
 class UnknownSymbolError(SourceError):
-    """Databento could not resolve the symbol(s) in the dataset and range asked for."""
+    """Databento could not resolve the symbol(s) in the dataset and range asked for: the
+    user's input (symbol, stype, dataset) to fix, so exit 2 like any bad input."""
+
+    exit_code = 2
 
     def __init__(self, message: str, symbols: tuple[str, ...]):
         super().__init__(message)
@@ -71,6 +83,30 @@ class UnknownSymbolError(SourceError):
 
 class DownloadError(SourceError):
     """A request still failed (server error, network, corrupt body) after every retry."""
+
+
+#: errno values of the local file system (not the network): retrying a download cannot help.
+_LOCAL_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES,
+                           errno.EPERM, errno.EIO, errno.ENOENT, errno.EMFILE, errno.ENFILE})
+_ERRNO_IN_TEXT = re.compile(r"\[Errno (\d+)\] ([^\]:']*)")
+
+
+def _local_write_error(err: BaseException) -> str | None:
+    """'No space left on device (errno 28)' when ``err`` is the local disk failing under the
+    client's download (it wraps the OSError of ``write`` as BentoError('Error streaming
+    response: [Errno 28] ...') without a cause; ``close`` raises the OSError itself); else None."""
+    import requests
+
+    if isinstance(err, OSError) and not isinstance(err, requests.RequestException):
+        if err.errno in _LOCAL_ERRNOS or err.errno is None:
+            return f"{err.strerror or err} (errno {err.errno})"
+        return None
+    text = str(err)
+    if type(err).__name__ == "BentoError" and text.startswith("Error streaming response"):
+        m = _ERRNO_IN_TEXT.search(text)
+        if m and int(m[1]) in _LOCAL_ERRNOS:
+            return f"{os.strerror(int(m[1]))} (errno {m[1]})"
+    return None
 
 
 class _Retryable(Exception):
@@ -208,8 +244,17 @@ class HistoricalSource:
             nonlocal attempts
             attempts += 1
             with archive.atomic_path(dest) as tmp:
-                self._client.timeseries.get_range(dataset=dataset, start=s, end=e, symbols=[symbol],
-                                                  schema=schema, stype_in=stype_in, path=tmp)
+                try:
+                    self._client.timeseries.get_range(dataset=dataset, start=s, end=e, symbols=[symbol],
+                                                      schema=schema, stype_in=stype_in, path=tmp)
+                except Exception as err:
+                    local = _local_write_error(err)
+                    if local is None:
+                        raise
+                    raise StoreError(
+                        f"{what}: cannot write the download to {dest.parent}: {local}; free space "
+                        "(or raise the file size limit) and rerun: archived months are kept, "
+                        "the partial file was removed") from None
                 try:
                     info = dbnfile.scan(tmp, expected_schema=schema)
                 except SourceError as err:
@@ -257,6 +302,13 @@ class HistoricalSource:
             detail = (e.json_body or {}).get("detail") if isinstance(e.json_body, dict) else None
             case = detail.get("case", "") if isinstance(detail, dict) else ""
             text = scrub(str(e)).replace("\n", ": ")
+            message = detail.get("message", "") if isinstance(detail, dict) else str(detail or "")
+            if status in (400, 403, 404, 422) and ("dataset" in case or "dataset" in message.lower()):
+                # Checked before the key: Databento also answers 403 for a dataset the key
+                # is not entitled to, and that is a configuration fix, not a new key.
+                raise DatasetError(
+                    f"{what}: Databento does not serve this dataset ({text}); check --dataset / "
+                    "databento.dataset (and that your plan includes it)") from None
             if status in (401, 403):
                 raise AuthenticationError(
                     f"Databento refused the API key ({text}); check DATABENTO_API_KEY") from None

@@ -56,7 +56,7 @@ import databento_dbn as dbn
 import numpy as np
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
-from ..errors import AuthenticationError, SourceError
+from ..errors import AuthenticationError, DatasetError, SourceError
 from ..observe import get_logger, register_secret, scrub
 from ..records import INPUT_KINDS, RecordBatch, SeriesRegistry
 
@@ -264,6 +264,10 @@ class LiveSession:
             text = scrub(str(e))
             if text.startswith(("Connection to ", "Authentication with ")):  # refused / timed out
                 raise LiveConnectError(f"live gateway {where}: {text}") from None
+            if "dataset" in text.lower():  # e.g. 'Unknown dataset X.': the key was fine
+                raise DatasetError(
+                    f"live gateway {where} does not serve dataset {self.dataset} ({text}); "
+                    "check databento.dataset / --dataset") from None
             raise AuthenticationError(
                 f"live gateway {where} refused the session for {self.dataset} ({text}); "
                 f"check DATABENTO_API_KEY and the dataset") from None

@@ -98,7 +98,16 @@ def parse_time(value: str | None, what: str) -> int | None:
             "(2024-03-01T14:30:00Z; UTC when no zone is given)"
         )
     ts = ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
-    return int(ts.value)
+    try:
+        return int(ts.value)
+    except OverflowError:
+        # Beyond int64 nanoseconds (before 1677 / after 2262, e.g. 0001-01-01, 9999-12-31):
+        # a start before every bar or an end after every bar is no bound; the other way
+        # round it selects nothing.
+        low_side = ts.year < 1970
+        if (what == "start") == low_side:
+            return None
+        return -(2**63) + 1 if low_side else 2**63 - 1
 
 
 def params_from(settings) -> Params:

@@ -25,6 +25,18 @@ NS = 1_000_000_000
 MIN_GROUP = 12  # fewer bars than this in a (month, time of session) group: not judged
 SAMPLE = 100_000  # bars per month the volume statistics are computed from (evenly spaced)
 PROFILE_NS = 15 * 60 * NS  # the volume profile's resolution: bars are compared by quarter hour
+#: Where a bar's ts_event can lie: the span of the session calendar (Session.boundaries). A
+#: stored row outside it (negative, int64's extremes: a damaged or hand-edited file) is
+#: counted under ts_misaligned and kept out of every other rule, whose arithmetic (session
+#: slots, months, datetimes) is only defined inside it.
+VALID_FROM = 631_152_000 * NS  # 1990-01-01T00:00Z
+VALID_UNTIL = 4_133_980_800 * NS  # 2101-01-01T00:00Z
+OUT_OF_RANGE = "ts_event outside 1990..2100: not a bar time (a damaged or hand-edited row)"
+
+
+def out_of_range(ts: np.ndarray) -> np.ndarray:
+    """Mask of timestamps outside [VALID_FROM, VALID_UNTIL)."""
+    return (ts < VALID_FROM) | (ts >= VALID_UNTIL)
 
 
 @dataclass(frozen=True)
@@ -79,6 +91,8 @@ class SeriesCheck:
         self._vol: list[np.ndarray] = []
         self._vol_ts: list[np.ndarray] = []
         self._vol_slot: list[np.ndarray] = []
+        #: out-of-range timestamps the walk already counted (a file's first or last row)
+        self.counted_out_of_range: set[int] = set()
         for rule in RECORD_RULES:
             result.tally(rule.name)
         for name in ("ts_duplicate", "count_invalid", "price_jump", "volume_outlier"):
@@ -91,6 +105,15 @@ class SeriesCheck:
         if n == 0:
             return
         r = self.r
+        bad = out_of_range(bars["ts_event"])
+        if bad.any():
+            odd = [t for t in bars["ts_event"][bad].tolist() if t not in self.counted_out_of_range]
+            r.rows += len(odd)
+            r.tally("ts_misaligned").add(np.array(odd, np.int64), [OUT_OF_RANGE] * min(len(odd), 40))
+            bars = bars[~bad]
+            n = bars.shape[0]
+            if n == 0:
+                return
         ts = bars["ts_event"]
         r.rows += n
         prev_ts = self.prev_ts

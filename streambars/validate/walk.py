@@ -20,7 +20,7 @@ from .calendar import CalendarSpec, trading_intervals
 from .crosstf import Aggregation, CrossTimeframe, Level
 from .reference import REFERENCE_SCHEMAS, Fetcher, ReferenceUnavailable, compare_reference
 from .report import SeriesResult
-from .series import Params, SeriesCheck
+from .series import OUT_OF_RANGE, VALID_FROM, VALID_UNTIL, Params, SeriesCheck, out_of_range
 
 NS = 1_000_000_000
 
@@ -93,8 +93,20 @@ def validate_file(
             _skip_all(r, "no bars stored")
         return FileOutcome(list(results.values()), notes)
 
+    # A first or last row outside the calendar's span (a damaged row) is counted here and
+    # the walk clamped to the span: reads by time never reach it, and month and session
+    # arithmetic stays inside int64 and the calendar. Rows in between are caught by feed().
+    odd_rows: dict[str, list[int]] = {}
+    for tf in chosen:
+        rows, first, last = extents[tf.name]
+        odd = sorted({t for t in (first, last) if rows and out_of_range(np.array([t]))[0]})
+        if odd and (start is None or odd[-1] >= start) and (end is None or odd[0] < end):
+            odd_rows[tf.name] = odd
+            results[tf.name].rows += len(odd)
+            results[tf.name].tally("ts_misaligned").add(np.array(odd, np.int64), [OUT_OF_RANGE] * len(odd))
     lo = start if start is not None else min(extents[tf.name][1] for tf in present)
     hi = end if end is not None else max(extents[tf.name][2] for tf in present) + 1
+    lo, hi = max(lo, VALID_FROM), min(hi, VALID_UNTIL)
     if hi <= lo:
         for r in results.values():
             _skip_all(r, "no bars in the range")
@@ -119,6 +131,7 @@ def validate_file(
         r = results[tf.name]
         use = sessions if (tf == gap_tf and sessions is not None) else None
         checks[tf.name] = SeriesCheck(r, tf, params, bounds if tf.is_daily else None, use, hours_from=bounds)
+        checks[tf.name].counted_out_of_range.update(odd_rows.get(tf.name, ()))
         if use is None:
             r.skipped["gap_in_session"] = (
                 gap_note if tf == gap_tf or sessions is None else f"checked on {gap_tf.name} (the finest selected)"

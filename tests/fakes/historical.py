@@ -19,6 +19,9 @@ send them):
 Auth is HTTP basic with the API key as user name; a wrong or missing key gets 401 and
 Databento's JSON error body (``detail.case = auth_authentication_failed``), which the client
 turns into ``BentoClientError('401 auth_authentication_failed\\nAuthentication failed.')``.
+A dataset the gateway does not know (not one of Databento's codes in ``KNOWN_DATASETS`` nor
+one given data here) gets 422 ``dataset_invalid`` with a message naming it, on every
+endpoint, as the real gateway rejects an unknown dataset code before looking at symbols.
 A request where none of the symbols resolve gets 422 ``symbology_invalid_request`` "None of the
 symbols could be resolved" (what Databento answers); when only some resolve, the status is 206
 and the rest are listed in the Metadata's ``not_found`` (or the JSON's ``not_found``).
@@ -60,6 +63,12 @@ import pandas as pd
 import zstandard
 
 NS_PER_DAY = 86_400 * 1_000_000_000
+#: Databento dataset codes the fake accepts even without data (an empty answer, not an error).
+KNOWN_DATASETS = frozenset({
+    "GLBX.MDP3", "XNAS.ITCH", "XNYS.PILLAR", "XBOS.ITCH", "XPSX.ITCH", "BATS.PITCH", "BATY.PITCH",
+    "EDGA.PITCH", "EDGX.PITCH", "IEXG.TOPS", "DBEQ.BASIC", "EQUS.MINI", "OPRA.PILLAR", "IFEU.IMPACT",
+    "NDEX.IMPACT", "XEUR.EOBI", "XEEE.EOBI",
+})
 
 
 def _day(ns: int) -> date:
@@ -135,6 +144,11 @@ class FakeHistorical:
         arr = records if old is None else np.concatenate([old, records])
         key = "ts_recv" if "ts_recv" in arr.dtype.names else "ts_event"
         self._records[(dataset, schema)] = arr[np.argsort(arr[key], kind="stable")]
+
+    def knows(self, dataset: str) -> bool:
+        """A real dataset code, or one this fake was given data for."""
+        return (dataset in KNOWN_DATASETS
+                or any(k[0] == dataset for k in (*self._symbology, *self._records, *self._raw)))
 
     # ------------------------------------------------------------------ knobs
 
@@ -396,6 +410,10 @@ class _Handler(BaseHTTPRequestHandler):
         handler = handlers.get(endpoint)
         if handler is None:
             self._send(404, error_body(404, "not_found", f"No endpoint {endpoint}."))
+            return
+        dataset = form.get("dataset", "")
+        if dataset and not fake.knows(dataset):
+            self._send(422, error_body(422, "dataset_invalid", f"Invalid dataset '{dataset}'."))
             return
         if endpoint == "/v0/timeseries.get_range":
             month = ""
