@@ -8,8 +8,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .startup import default_numba_cache_dir
+from .version import __version__
 
-__version__ = "0.1.0"
 __all__ = ["__version__", "open_store"]
 
 default_numba_cache_dir()

@@ -24,33 +24,30 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
-from typing import BinaryIO
 
 import databento_dbn
 import numpy as np
 import zstandard
 
 from .errors import StoreError
+from .fsio import atomic_path, fsync_path, remove_stale_temps, write_atomic
 from .ledger import parse_stamp
-from .naming import symbol_to_filename
+from .naming import filename_to_symbol, symbol_to_filename
 from .observe import get_logger
-from .store.layout import fsync_path
+from .zstdframes import READ_SIZE as _READ_SIZE
+from .zstdframes import FrameReader
 
 log = get_logger("streambars.archive")
 
 SUFFIX = ".dbn.zst"
 LIVE_SUFFIX = ".live.dbn.zst"
 SYMBOLS_SUFFIX = ".symbols.json"
-_TEMP_SUFFIX = ".part"
-_READ_SIZE = 1 << 17
-_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+__all__ = ["atomic_path", "remove_stale_temps", "write_atomic"]  # re-exported from fsio
 
 
 # ----------------------------------------------------------------------------- paths
@@ -148,82 +145,6 @@ def write_symbols(archive_file: str | os.PathLike[str], mapping: Mapping[int, st
     return write_atomic(symbols_path(archive_file), body.encode())
 
 
-# ----------------------------------------------------------------------------- atomic files
-
-
-def _temp_name(dest: Path) -> Path:
-    return dest.with_name(f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}{_TEMP_SUFFIX}")
-
-
-@contextmanager
-def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
-    """A fresh temp path (not created) beside ``dest``; on a clean exit it becomes ``dest``.
-
-    Whatever writes the temp path (e.g. the databento client's ``get_range(path=...)``,
-    which insists on creating the file itself) must have closed it by the end of the
-    block. Then the file is fsynced, renamed over ``dest`` and the directory fsynced. On an
-    exception the temp file is removed and ``dest`` is left as it was.
-    """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(dest.parent)
-    tmp = _temp_name(dest)
-    try:
-        yield tmp
-        if not tmp.exists():
-            raise StoreError(f"{dest}: nothing was written to the temporary file {tmp.name}")
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-        fsync_path(dest.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_atomic(dest: str | os.PathLike[str], data: bytes | Iterable[bytes] | BinaryIO) -> Path:
-    """Write ``data`` (bytes, chunks, or a readable binary file) to ``dest`` atomically."""
-    dest = Path(dest)
-    with atomic_path(dest) as tmp, open(tmp, "xb") as f:
-        if isinstance(data, (bytes, bytearray, memoryview)):
-            f.write(data)
-        elif hasattr(data, "read"):
-            while chunk := data.read(_READ_SIZE):  # type: ignore[union-attr]
-                f.write(chunk)
-        else:
-            for chunk in data:  # type: ignore[union-attr]
-                f.write(chunk)
-    return dest
-
-
-def remove_stale_temps(directory: str | os.PathLike[str]) -> int:
-    """Remove temp files left by processes that died mid-write (their pid is gone)."""
-    removed = 0
-    d = Path(directory)
-    if not d.is_dir():
-        return 0
-    for p in d.glob(f".*{_TEMP_SUFFIX}"):
-        parts = p.name.rsplit(".", 3)  # ['.<dest name>', pid, token, 'part']
-        if len(parts) != 4 or not parts[1].isdigit():
-            continue
-        pid = int(parts[1])
-        if pid == os.getpid() or _pid_alive(pid):
-            continue
-        p.unlink(missing_ok=True)
-        removed += 1
-    return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 # ----------------------------------------------------------------------------- live files
 
 
@@ -237,40 +158,10 @@ class LiveFileContents:
     truncated_tail: bool
 
 
-def _scan_frames(f: BinaryIO) -> Iterator[tuple[int, bytes]]:
-    """(end offset, decompressed payload) of each complete zstd frame, in order.
-
-    Stops without error at a frame that is cut off; raises zstandard.ZstdError on a frame
-    that is corrupt in the middle of the file.
-    """
-    dctx = zstandard.ZstdDecompressor()
-    dobj = dctx.decompressobj()
-    offset = 0  # bytes of the file consumed
-    pending: list[bytes] = []
-    while True:
-        buf = f.read(_READ_SIZE)
-        if not buf:
-            return
-        while buf:
-            out = dobj.decompress(buf)
-            if out:
-                pending.append(out)
-            if dobj.eof:
-                used = len(buf) - len(dobj.unused_data)
-                offset += used
-                yield offset, b"".join(pending)
-                pending = []
-                buf = dobj.unused_data
-                dobj = dctx.decompressobj()
-            else:
-                offset += len(buf)
-                buf = b""
-
-
 def iter_live_frames(p: str | os.PathLike[str]) -> Iterator[tuple[int, bytes]]:
     """(end offset, payload) of every complete frame of a live archive file."""
     with open(p, "rb") as f:
-        yield from _scan_frames(f)
+        yield from FrameReader(f, _READ_SIZE).frames()
 
 
 def read_live_file(p: str | os.PathLike[str]) -> LiveFileContents:
@@ -441,6 +332,80 @@ class LiveArchive:
         self.close()
 
 
-def is_zstd(p: str | os.PathLike[str]) -> bool:
-    with open(p, "rb") as f:
-        return f.read(4) == _ZSTD_MAGIC
+# ----------------------------------------------------------------------------- where the daemon left off
+
+
+def live_symbols(root: str | os.PathLike[str], dataset: str) -> list[str]:
+    """Symbols with a live archive file (ones a daemon received), in directory order."""
+    out = []
+    raw = Path(root) / dataset / "raw"
+    if raw.is_dir():
+        for d in sorted(raw.iterdir()):
+            if any(d.glob("*" + LIVE_SUFFIX)):
+                try:
+                    out.append(filename_to_symbol(d.name))
+                except ValueError:
+                    continue
+    return out
+
+
+def live_archive_tail(root: str | os.PathLike[str], dataset: str, symbol: str) -> tuple[int, int] | None:
+    """(last ts_event, records at it) in the newest live archive file of ``symbol``, or None.
+
+    Reads only the newest month's file (decompressing it, ~0.2 s for a month of 1s bars);
+    records are scanned by their DBN header length, whatever the schema.
+    """
+    d = raw_dir(root, dataset, symbol)
+    files = sorted(d.glob("*" + LIVE_SUFFIX)) if d.is_dir() else []
+    for p in reversed(files):
+        try:
+            contents = read_live_file(p)
+        except Exception as e:  # an unreadable archive must not stop the daemon
+            log.warning("could not read the live archive tail", path=str(p), error=str(e))
+            return None
+        ts = record_ts(contents.records)
+        if len(ts):
+            last = int(ts[-1])
+            return last, int((ts == last).sum())
+    return None
+
+
+def live_archive_head(root: str | os.PathLike[str], dataset: str, symbol: str) -> int | None:
+    """The first ts_event in the oldest live archive file of ``symbol`` (reads one frame)."""
+    d = raw_dir(root, dataset, symbol)
+    files = sorted(d.glob("*" + LIVE_SUFFIX)) if d.is_dir() else []
+    for p in files:
+        try:
+            first = True
+            for _, payload in iter_live_frames(p):
+                if first:  # the Metadata frame (records may follow in it)
+                    first = False
+                    payload = payload[8 + int.from_bytes(payload[4:8], "little"):]
+                ts = record_ts(payload)
+                if len(ts):
+                    return int(ts.min())
+        except Exception as e:
+            log.warning("could not read the live archive head", path=str(p), error=str(e))
+            return None
+    return None
+
+
+def record_ts(raw: bytes) -> np.ndarray:
+    """ts_event of every DBN record in ``raw`` (concatenated records of any rtype)."""
+    buf = np.frombuffer(raw, dtype=np.uint8)
+    if len(buf) == 0:
+        return np.empty(0, np.int64)
+    first = int(buf[0]) * 4
+    if first and len(buf) % first == 0 and bool((buf[::first] == buf[0]).all()):
+        # One record size throughout (one schema): a strided view, no Python loop.
+        n = len(buf) // first
+        return np.frombuffer(raw, dtype=np.uint64, count=n * first // 8).reshape(n, first // 8)[:, 1].astype(np.int64)
+    out = []
+    off = 0
+    while off + 16 <= len(buf):
+        size = int(buf[off]) * 4
+        if size < 16:
+            break
+        out.append(int.from_bytes(raw[off + 8 : off + 16], "little"))
+        off += size
+    return np.array(out, dtype=np.int64)

@@ -31,7 +31,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -44,7 +44,7 @@ from .config import Settings, check_timeframes_fit, load_api_key
 from .engine import Aggregator
 from .engine.kernel import S_LAST
 from .errors import CostLimitError, Interrupted, UsageError
-from .ledger import EMPTY, LIVE, NS, Ledger, Span, span_key
+from .ledger import EMPTY, LIVE, Ledger, Span, span_key
 from .observe import Progress, TerminalProgress, get_logger
 from .pipeline import (
     ENGINE_STATE,
@@ -61,13 +61,13 @@ from .pipeline import (
     unwrapped,
 )
 from .records import INPUT_INTERVAL_NS, INPUT_KINDS, RecordBatch, SeriesRegistry
-from .resume import live_archive_head
 from .rules import RECORD_RULE_NAMES
 from .sources import dbnfile
 from .sources.dbnfile import PUBLISHER_SEPARATOR, base_symbol
 from .sources.historical import UnknownSymbolError
 from .store import StoreWriterSet
 from .store.layout import file_path, filename_to_symbol, store_files
+from .timeutil import NS, iso, parse_day
 
 log = get_logger("streambars.backfill")
 
@@ -122,25 +122,6 @@ class BackfillResult:
     seconds: float = 0.0
 
 
-#: The range a backfill date may take: int64 nanoseconds since 1970 end in April 2262.
-FIRST_DAY = datetime(1970, 1, 1, tzinfo=UTC)
-LAST_DAY = datetime(2262, 4, 1, tzinfo=UTC)
-
-
-def parse_day(text: str, name: str) -> datetime:
-    """'YYYY-MM-DD' or 'YYYY-MM' (first of the month) as a UTC datetime."""
-    try:
-        if len(text) == 7:
-            day = datetime.strptime(text, "%Y-%m").replace(tzinfo=UTC)
-        else:
-            day = datetime.combine(date.fromisoformat(text), datetime.min.time(), UTC)
-    except ValueError:
-        raise UsageError(f"--{name} {text!r} is not a date YYYY-MM-DD or a month YYYY-MM") from None
-    if not FIRST_DAY <= day <= LAST_DAY:
-        raise UsageError(
-            f"--{name} {text}: backfill dates lie between {FIRST_DAY:%Y-%m-%d} and {LAST_DAY:%Y-%m-%d} "
-            "(Databento's timestamps are nanoseconds since 1970)")
-    return day
 
 
 def _next_month(d: datetime) -> datetime:
@@ -168,7 +149,7 @@ def run_backfill(settings: Settings, options: BackfillOptions, out: TextIO = sys
         result = backfill_historical(settings, options, out=out)
     if result is None:  # dry run
         return 0
-    print_summary(result, settings, out)
+    print_summary(result, out)
     return 0
 
 
@@ -255,7 +236,7 @@ def read_file_states(
             ledger.engine_mark = max(ledger.engine_mark, last + 1)
         live = dict(note.get("live") or {})
         if "last_ts" in live:
-            head = live_archive_head(root, dataset, symbol)
+            head = archive.live_archive_head(root, dataset, symbol)
             if head is not None and head <= int(live["last_ts"]):
                 # The daemon covered from its first record until the time it proved closed
                 # (the wall clock or END_OF_INTERVAL), or at least to its last record.
@@ -302,16 +283,12 @@ def _rebuild_items(settings: Settings, dataset: str, symbol: str, ledger: Ledger
                 raise UsageError(
                     f"{file_path(settings.store.path, dataset, symbol)} must be rebuilt to take earlier "
                     f"history, but the raw archive lacks {p} (its records from "
-                    f"{_iso(span.start)} to {_iso(span.end)}); restore that file, or backfill into "
+                    f"{iso(span.start, 's')} to {iso(span.end, 's')}); restore that file, or backfill into "
                     "a new --store"
                 )
             items.append(Item(p, spans, span.source, span.end_known, label,
                               by_symbol=not span.source.startswith(INPUTS_DIR + "/")))
     return items
-
-
-def _iso(ns: int) -> str:
-    return datetime.fromtimestamp(ns / 1e9, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # ----------------------------------------------------------------------------- Historical
@@ -871,7 +848,7 @@ def _collect(engine: Aggregator, result: BackfillResult) -> None:
             result.violations[name] = result.violations.get(name, 0) + total
 
 
-def print_summary(result: BackfillResult, settings: Settings, out: TextIO) -> None:
+def print_summary(result: BackfillResult, out: TextIO) -> None:
     s = result.stats
     rate = s.records / result.seconds if result.seconds else 0.0
     print(

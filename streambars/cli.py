@@ -15,19 +15,20 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from .startup import (
     default_numba_cache_dir,
     ignore_stop_signals,
     interrupt_on_stop_signals,
     redeliver_later,
 )
+from .tables import format_table
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import Settings
 
 Handler = Callable[[argparse.Namespace, "Settings"], int]
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 DESCRIPTION = """\
 Turn Databento market data into validated OHLCV bars at every timeframe, stored in
@@ -275,19 +276,6 @@ def _cmd_compact(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
-def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Plain aligned text table from a list of dicts (the keys of the first row are columns)."""
-    if not rows:
-        return "(empty)"
-    cols = list(rows[0].keys())
-    cells = [[str(r.get(c, "")) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
-    return "\n".join(lines)
-
-
 def console_main() -> None:
     """The process entry point (``streambars``, ``python -m streambars``): run, then exit.
 
@@ -327,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("streambars: interrupted while starting; nothing was done", file=sys.stderr)
         return EXIT_INTERRUPTED
     if args.version:
-        from . import __version__
+        from .version import __version__
 
         print(__version__)
         return EXIT_OK
@@ -368,14 +356,11 @@ def describe_os_error(e: OSError) -> str:
 
 def _exit_for(e: BaseException) -> tuple[int, str]:
     """Exit code and the one line to print for an exception that ended a command."""
-    from .config import ConfigError
     from .errors import StreambarsError
 
     if isinstance(e, KeyboardInterrupt):
         name = getattr(e, "signame", "SIGINT")
         return EXIT_INTERRUPTED, f"interrupted ({name}); what was flushed is kept, rerun to resume"
-    if isinstance(e, ConfigError):
-        return EXIT_USAGE, str(e)
     if isinstance(e, StreambarsError):
         return e.exit_code, str(e)
     if isinstance(e, OSError):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError as ConfigError  # re-exported: its home is errors
 from .records import INPUT_INTERVAL_NS, INPUT_KINDS, TRADE_CLOCKS
 from .rules import RECORD_RULE_NAMES, Policy
 from .timeframes import (
@@ -30,14 +31,6 @@ from .timeframes import (
 API_KEY_ENV = "DATABENTO_API_KEY"
 STYPES = ("raw_symbol", "continuous", "parent", "instrument_id")
 POLICIES = tuple(p.name.lower() for p in Policy)
-
-
-class ConfigError(ValueError):
-    """A configuration value that is not allowed: names key, value and what is allowed."""
-
-    def __init__(self, key: str, value: Any, allowed: str):
-        self.key, self.value, self.allowed = key, value, allowed
-        super().__init__(f"config {key} = {value!r} is not allowed: {allowed}")
 
 
 @dataclass(frozen=True)

@@ -47,13 +47,13 @@ def sample_paths() -> list[Path]:
 
 
 def run_demo(settings: Settings, out: TextIO = sys.stdout) -> int:
-    from .cli import format_table
     from .store import inspect_store, open_store
+    from .tables import format_table
 
     paths = sample_paths()
     print(f"demo: ingesting the bundled sample into {settings.store.path.resolve()}", file=out)
     result = ingest_dbn_files(settings, paths, out=out)
-    print_summary(result, settings, out)
+    print_summary(result, out)
     print("", file=out)
     print(format_table(inspect_store(settings.store.path)), file=out)
     reader = open_store(settings.store.path)

@@ -8,6 +8,14 @@ exits 1, and shows the traceback only with ``--log-level debug``.
 
 from __future__ import annotations
 
+from typing import Any
+
+#: The process exit codes (README "Troubleshooting", docs/daemon.md).
+EXIT_OK = 0
+EXIT_FAILED = 1  # the work failed (systemd restarts the daemon)
+EXIT_USAGE = 2  # the user must change something: arguments, configuration, key, dataset
+EXIT_INTERRUPTED = 130  # SIGTERM / SIGINT of a one-shot command
+
 
 class StreambarsError(Exception):
     """Base class: a failure with a message meant for the user."""
@@ -19,6 +27,16 @@ class UsageError(StreambarsError):
     """Bad arguments that argparse could not catch (e.g. a date range that is empty)."""
 
     exit_code = 2
+
+
+class ConfigError(StreambarsError, ValueError):
+    """A configuration value that is not allowed: names key, value and what is allowed."""
+
+    exit_code = 2
+
+    def __init__(self, key: str, value: Any, allowed: str):
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"config {key} = {value!r} is not allowed: {allowed}")
 
 
 class StoreError(StreambarsError):

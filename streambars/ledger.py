@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-NS = 1_000_000_000
+from .timeutil import NS
 
 #: ``Span.source`` of what the daemon received (the ``*.live.dbn.zst`` files of the symbol).
 LIVE = "live"

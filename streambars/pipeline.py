@@ -166,7 +166,12 @@ class PipelineStats:
             grown[: len(self.per_timeframe)] = self.per_timeframe
             self.per_timeframe = grown
         self.per_timeframe += by_tf
+
     queues: dict[str, Any] = field(default_factory=dict)  # stage -> send stream (depth metrics)
+
+    def queue_depths(self) -> dict[str, int]:
+        """Items waiting in each of the pipeline's queues (by the stage they feed)."""
+        return {name: s.statistics().current_buffer_used for name, s in self.queues.items()}
 
 
 async def run_pipeline(

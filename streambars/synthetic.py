@@ -22,7 +22,8 @@ from zoneinfo import ZoneInfo
 import databento_dbn
 import numpy as np
 
-NS = 1_000_000_000
+from .timeutil import NS
+
 TICK = 250_000_000  # ES: 0.25 index points, in 1e-9 fixed-point units
 RTYPE_OHLCV_1S = 32
 RTYPE_OHLCV_1M = 33

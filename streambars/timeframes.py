@@ -17,7 +17,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import numpy as np
 
-NS_PER_SECOND = 1_000_000_000
+from .timeutil import NS
+
+NS_PER_SECOND = NS
 SECONDS_PER_DAY = 86_400
 
 STANDARD_TIMEFRAMES: tuple[str, ...] = (

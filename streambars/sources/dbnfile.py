@@ -58,12 +58,13 @@ from .. import archive
 from ..errors import SourceError
 from ..observe import get_logger
 from ..records import INPUT_KINDS, RecordBatch, SeriesRegistry
+from ..zstdframes import MAGIC as ZSTD_MAGIC
+from ..zstdframes import FrameReader
 
 log = get_logger("streambars.sources.dbnfile")
 
 CHUNK_RECORDS = 65_536
 _READ_SIZE = 1 << 17
-_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _NS_PER_DAY = 86_400 * 1_000_000_000
 _UNDEF_TS = 2**64 - 1
 
@@ -113,41 +114,34 @@ class _Stream:
         self._f: BinaryIO = open(p, "rb")  # noqa: SIM115 - closed in close()
         head = self._f.read(4)
         self._f.seek(0)
-        self.compressed = head == _ZSTD_MAGIC
+        self.compressed = head == ZSTD_MAGIC
         if not self.compressed and head[:3] != b"DBN":
             self._f.close()
             raise _fail(p, "neither zstd nor DBN (bad magic bytes)")
-        self._dctx = zstandard.ZstdDecompressor()
-        self._dobj = self._dctx.decompressobj()
-        self._in_frame = False
+        self._pieces = FrameReader(self._f, _READ_SIZE) if self.compressed else None
+        self._chunks = self._pieces.pieces() if self._pieces else None
         self._buf = bytearray()
         self._eof = False
 
     def _fill(self, n: int) -> None:
         while len(self._buf) < n and not self._eof:
-            raw = self._f.read(_READ_SIZE)
-            if not raw:
-                self._eof = True
-                if self.compressed and self._in_frame:
-                    raise _fail(self.path, "truncated: the last zstd frame is cut off")
-                return
-            if not self.compressed:
-                self._buf += raw
+            if self._chunks is None:
+                raw = self._f.read(_READ_SIZE)
+                if raw:
+                    self._buf += raw
+                else:
+                    self._eof = True
                 continue
             try:
-                while raw:
-                    self._in_frame = True
-                    out = self._dobj.decompress(raw)
-                    if out:
-                        self._buf += out
-                    if self._dobj.eof:
-                        raw = self._dobj.unused_data
-                        self._dobj = self._dctx.decompressobj()
-                        self._in_frame = False
-                    else:
-                        raw = b""
+                piece = next(self._chunks, None)
             except zstandard.ZstdError as e:
                 raise _fail(self.path, f"corrupt zstd data ({e})") from None
+            if piece is None:
+                self._eof = True
+                if self._pieces is not None and self._pieces.cut_off:
+                    raise _fail(self.path, "truncated: the last zstd frame is cut off")
+                return
+            self._buf += piece[0]
 
     def read(self, n: int) -> bytes:
         self._fill(n)

@@ -62,6 +62,7 @@ import pandas as pd
 from .. import archive
 from ..errors import AuthenticationError, DatasetError, SourceError, StoreError
 from ..observe import get_logger, register_secret, scrub
+from ..timeutil import to_ns
 from . import dbnfile
 
 log = get_logger("streambars.sources.historical")
@@ -122,16 +123,6 @@ class DownloadResult:
     bytes: int
     attempts: int
     seconds: float
-
-
-def to_ns(value: When) -> int:
-    """Nanoseconds since the epoch, UTC (naive datetimes and dates are taken as UTC)."""
-    if isinstance(value, int):
-        return value
-    ts = pd.Timestamp(value)
-    if ts.tzinfo is None:
-        ts = ts.tz_localize("UTC")
-    return int(ts.value)
 
 
 def _describe_range(start: int, end: int) -> str:

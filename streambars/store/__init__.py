@@ -29,6 +29,7 @@ from .reader import (
     inspect_store,
     ns_to_iso,
     open_store,
+    symbols_with_note,
     to_ns,
 )
 from .recovery import clear_open_flags, recover_file
@@ -54,6 +55,7 @@ __all__ = [
     "open_store",
     "recover_file",
     "rewrite_file",
+    "symbols_with_note",
     "symbol_to_filename",
     "to_ns",
 ]

@@ -19,7 +19,8 @@ from pathlib import Path
 import h5py
 
 from ..errors import DamagedFileError, StoreError, StoreLockedError, UsageError
-from .layout import BARS, LIBVER, SUFFIX, fsync_path, remove_stale_temps, store_files, temp_path
+from ..fsio import replace_file
+from .layout import BARS, LIBVER, SUFFIX, remove_stale_temps, store_files, temp_path
 from .lock import FileLock
 from .probe import check_writable
 from .recovery import recover_file
@@ -52,9 +53,7 @@ def rewrite_file(path: Path, compression: str | None) -> tuple[int, int]:
                 raise StoreError(f"{path} is not a streambars bar file (no /{BARS} group)")
             dst.attrs.update(src.attrs)
             src.visititems(lambda name, obj: _copy(name, obj, dst, filters))
-        fsync_path(tmp)
-        os.replace(tmp, path)
-        fsync_path(path.parent)
+        replace_file(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise StoreError(f"cannot rewrite {path} (via {tmp.name}): {e}") from e

@@ -31,6 +31,7 @@ import h5py
 import numpy as np
 
 from ..errors import StoreError
+from ..fsio import pid_alive
 from ..naming import filename_to_symbol as _filename_to_symbol
 from ..naming import symbol_to_filename as _symbol_to_filename
 from ..records import BAR_DTYPE, FIXED_PRICE_SCALE
@@ -102,13 +103,7 @@ def temp_path(path: Path, kind: str) -> Path:
 def _pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return False  # ours from an earlier, failed attempt: we are not building it now
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # exists, owned by someone else
-    return True
+    return pid_alive(pid)
 
 
 def remove_stale_temps(path: Path) -> list[Path]:
@@ -125,15 +120,6 @@ def remove_stale_temps(path: Path) -> list[Path]:
                     p.unlink()
                     removed.append(p)
     return removed
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a directory (after a rename into it)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def chunk_rows_by_timeframe(timeframes: Sequence[Timeframe], chunk_rows: int) -> dict[str, int]:

@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING, Any
 import h5py
 import numpy as np
 
-from ..errors import DamagedFileError, FileBusyError, StoreError, UsageError
+from ..errors import DamagedFileError, FileBusyError, StoreError
 from ..records import FIXED_PRICE_SCALE
 from ..timeframes import Timeframe
+from ..timeutil import iso, to_ns
 from .layout import BARS, INDEX, filename_to_symbol, store_files, timeframe_name
 from .lock import is_locked
 from .probe import (
@@ -51,37 +52,9 @@ BUSY_WAIT_S = 2.0
 _READ_ERRORS = (OSError, RuntimeError, KeyError, ValueError, IndexError, TypeError)
 
 
-def to_ns(value: Any, what: str = "time") -> int | None:
-    """ISO string / datetime / date / pandas.Timestamp / numpy datetime64 / int ns -> int ns UTC.
-
-    Naive times are UTC. None stays None."""
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        raise UsageError(f"{what} {value!r} is not a time")
-    if isinstance(value, int | np.integer):
-        return int(value)
-    import pandas as pd
-
-    try:
-        ts = pd.Timestamp(value)
-    except (ValueError, TypeError) as e:
-        raise UsageError(
-            f"{what} {value!r} is not a time: give ISO-8601 (2024-03-01, 2024-03-01T14:30:00Z), "
-            "a datetime, a pandas.Timestamp or int nanoseconds since the epoch"
-        ) from e
-    if ts is pd.NaT:
-        raise UsageError(f"{what} {value!r} is not a time")
-    ts = ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
-    return int(ts.value)
-
-
 def ns_to_iso(ns: int | None) -> str:
-    """ISO-8601 UTC with a 'Z' (seconds precision when whole)."""
-    if ns is None:
-        return ""
-    unit = "s" if ns % 1_000_000_000 == 0 else "ns"
-    return str(np.datetime_as_string(np.datetime64(int(ns), "ns"), unit=unit, timezone="UTC"))
+    """ISO-8601 UTC with a 'Z' (seconds precision when whole); '' for None."""
+    return iso(ns, "auto", missing="")
 
 
 @dataclass(frozen=True)
@@ -724,3 +697,26 @@ def _tf_seconds(name: str) -> int:
         return 0
 
 
+
+
+def symbols_with_note(root: str | os.PathLike[str], dataset: str, note: str) -> list[str]:
+    """Stored symbols of ``dataset`` whose file's progress blob has the key ``note`` (the
+    daemon's ``live`` watermarks: files a daemon wrote), in file-name order. Files that
+    cannot be read are logged and skipped."""
+    import json
+
+    from ..observe import get_logger
+    from .layout import read_blob
+
+    out = []
+    for path in sorted((Path(root) / dataset).glob("*.h5")):
+        try:
+            name = filename_to_symbol(path.stem)
+            with h5py.File(path, "r", swmr=True, locking=False) as f:
+                _, blob = read_blob(f["meta"]["progress"])
+            if blob and note in json.loads(blob):
+                out.append(name)
+        except (OSError, KeyError, ValueError) as e:
+            get_logger("streambars.store").warning("skipping a store file while listing parent instruments", path=str(path),
+                        error=str(e))
+    return out

@@ -14,7 +14,6 @@ from the saved engine state rewrites nothing that is already there.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,11 +22,12 @@ import h5py
 import numpy as np
 from h5py import h5d, h5p, h5s
 
-from .. import __version__
 from ..errors import StoreError
+from ..fsio import replace_file
 from ..observe import get_logger
 from ..records import BAR_DTYPE, BarBatch
 from ..timeframes import Session, Timeframe, parse_timeframe
+from ..version import __version__
 from .layout import (
     BARS,
     HWM,
@@ -39,7 +39,6 @@ from .layout import (
     create_layout,
     file_path,
     file_timeframes,
-    fsync_path,
     read_blob,
     remove_stale_temps,
     temp_path,
@@ -241,9 +240,7 @@ class BarFileWriter:
                     timeframes=self._requested, session=self.session,
                     chunk_rows=self.chunk_rows, created_by=f"streambars {__version__}",
                 )
-            fsync_path(tmp)
-            os.replace(tmp, self.path)
-            fsync_path(self.path.parent)
+            replace_file(tmp, self.path)
         except OSError as e:
             tmp.unlink(missing_ok=True)
             raise StoreError(f"cannot create {self.path}: {_oserror_text(e)}") from e
@@ -384,9 +381,7 @@ class BarFileWriter:
         f, self._f = self._f, None
         try:
             f.close()
-            fsync_path(built)
-            os.replace(built, self.path)
-            fsync_path(self.path.parent)
+            replace_file(built, self.path)
         except OSError as e:
             self._failed = _oserror_text(e)
             raise StoreError(f"cannot replace {self.path} with {built}: {self._failed}") from e

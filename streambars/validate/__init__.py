@@ -26,10 +26,11 @@ from typing import TextIO
 
 from ..errors import StoreError, UsageError
 from ..timeframes import Session, Timeframe, TimeframeError, parse_timeframe
+from ..timeutil import iso, parse_time
 from .calendar import CalendarSpec, calendar_for
 from .checks import NS, fmt_duration
 from .reference import Fetcher, ReferenceUnavailable, historical_fetcher
-from .report import Report, SeriesResult, iso
+from .report import Report, SeriesResult
 from .series import Params
 from .walk import FileView, validate_file
 
@@ -81,33 +82,6 @@ def _file_contract(path: Path, settings) -> tuple[Session, str, str]:
         raise UnreadableStoreError(f"{path}: session attribute {text!r} is not valid: {e}") from None
 
 
-def parse_time(value: str | None, what: str) -> int | None:
-    """'2024-03-01', '2024-03', '2024-03-01T14:30:00Z' (UTC when no zone) -> ns."""
-    if value is None or value == "":
-        return None
-    import pandas as pd
-
-    text = str(value).strip()
-    try:
-        ts = pd.Timestamp(text + "-01" if len(text) == 7 and text[4] == "-" else text)
-    except (ValueError, TypeError):
-        ts = None
-    if ts is None or ts is pd.NaT:
-        raise UsageError(
-            f"--{what} {value!r} is not a date or time: use YYYY-MM-DD, YYYY-MM or ISO-8601 "
-            "(2024-03-01T14:30:00Z; UTC when no zone is given)"
-        )
-    ts = ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
-    try:
-        return int(ts.value)
-    except OverflowError:
-        # Beyond int64 nanoseconds (before 1677 / after 2262, e.g. 0001-01-01, 9999-12-31):
-        # a start before every bar or an end after every bar is no bound; the other way
-        # round it selects nothing.
-        low_side = ts.year < 1970
-        if (what == "start") == low_side:
-            return None
-        return -(2**63) + 1 if low_side else 2**63 - 1
 
 
 def params_from(settings) -> Params:
@@ -296,7 +270,7 @@ def run_validate(
     Returns 0 clean (warnings/info allowed) or 1 when an error-severity rule failed; raises
     UsageError / UnreadableStoreError (exit 2) for bad arguments or an unreadable store.
     """
-    from ..cli import format_table
+    from ..tables import format_table
 
     out = out or sys.stdout
     report = validate_store(

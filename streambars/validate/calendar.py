@@ -22,7 +22,7 @@ from zoneinfo import ZoneInfo
 
 import numpy as np
 
-NS = 1_000_000_000
+from ..timeutil import NS
 
 
 @dataclass(frozen=True)

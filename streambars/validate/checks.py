@@ -24,9 +24,9 @@ from ..rules import (
     Severity,
     record_violations,
 )
+from ..timeutil import NS
 
 MAX_FIRST = 10  # offending timestamps kept per rule
-NS = 1_000_000_000
 U64_MAX = np.iinfo(np.uint64).max
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from ..fsio import write_atomic
 from ..rules import RECORD_RULES, RULES, SERIES_RULES, Severity
+from ..timeutil import iso
 from .checks import Tally
 
 #: Report order: per-record rules, then series rules (reference_mismatch only with --reference).
@@ -16,16 +18,6 @@ RULE_ORDER: tuple[str, ...] = tuple(r.name for r in RECORD_RULES + SERIES_RULES)
 JSON_VERSION = 1
 
 
-def iso(ns: int | None) -> str:
-    """ISO-8601 UTC with a Z, to the nanosecond only when needed."""
-    if ns is None:
-        return "-"
-    ns = int(ns)
-    s, frac = divmod(ns, 1_000_000_000)
-    text = datetime.fromtimestamp(s, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-    if frac:
-        text += f".{frac:09d}".rstrip("0")
-    return text + "Z"
 
 
 @dataclass
@@ -154,10 +146,10 @@ class Report:
         }
 
     def write_json(self, path: Path) -> None:
-        _atomic_write(path, json.dumps(self.to_json(), indent=2) + "\n")
+        write_atomic(path, (json.dumps(self.to_json(), indent=2) + "\n").encode())
 
     def write_text(self, path: Path) -> None:
-        _atomic_write(path, self.text())
+        write_atomic(path, self.text().encode())
 
     def text(self) -> str:
         lines = [
@@ -221,11 +213,3 @@ class Report:
                          "first": "-", "last": "-", "errors": "-", "warnings": "-", "info": "-",
                          "rules": u["status"]})  # fmt: skip
         return rows
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

@@ -8,6 +8,7 @@ import numpy as np
 
 from ..rules import RECORD_RULES
 from ..timeframes import Timeframe
+from ..timeutil import NS, iso
 from .checks import (
     duplicate_rows,
     fmt_duration,
@@ -19,9 +20,8 @@ from .checks import (
     scan_bars,
     session_slots,
 )
-from .report import SeriesResult, iso
+from .report import SeriesResult
 
-NS = 1_000_000_000
 MIN_GROUP = 12  # fewer bars than this in a (month, time of session) group: not judged
 SAMPLE = 100_000  # bars per month the volume statistics are computed from (evenly spaced)
 PROFILE_NS = 15 * 60 * NS  # the volume profile's resolution: bars are compared by quarter hour

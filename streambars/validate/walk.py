@@ -16,13 +16,12 @@ from typing import Protocol
 import numpy as np
 
 from ..timeframes import Session, Timeframe
+from ..timeutil import NS
 from .calendar import CalendarSpec, trading_intervals
 from .crosstf import Aggregation, CrossTimeframe, Level
 from .reference import REFERENCE_SCHEMAS, Fetcher, ReferenceUnavailable, compare_reference
 from .report import SeriesResult
 from .series import OUT_OF_RANGE, VALID_FROM, VALID_UNTIL, Params, SeriesCheck, out_of_range
-
-NS = 1_000_000_000
 
 
 class FileView(Protocol):
