@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from streambars.resume import NS, Backoff, WallClockCloser, Watermarks, record_ts
+from streambars.daemon.resume import NS, Backoff, WallClockCloser, Watermarks, record_ts
 
 
 def _run(w: Watermarks, series, ts):

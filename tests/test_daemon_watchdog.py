@@ -19,7 +19,7 @@ import pytest
 
 from streambars.config import load_settings
 from streambars.daemon import Daemon
-from streambars.notify import Notifier
+from streambars.daemon.notify import Notifier
 from streambars.store import StoreWriterSet
 from tests.daemon_support import NotifySocket, es_nq_records, make_gateway, write_config
 from tests.fakes import TEST_KEY

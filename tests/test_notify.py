@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from streambars.notify import Notifier, WatchdogGate, socket_address, watchdog_usec
+from streambars.daemon.notify import Notifier, WatchdogGate, socket_address, watchdog_usec
 
 pytestmark = pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="needs unix sockets")
 

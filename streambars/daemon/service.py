@@ -36,27 +36,35 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
 
 import anyio
 
-from .config import ConfigError, Settings, load_api_key, load_settings
-from .errors import AuthenticationError, DatasetError, StoreError, StreambarsError
+from ..config import Settings, load_api_key, load_settings
+from ..errors import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    AuthenticationError,
+    ConfigError,
+    DatasetError,
+    StoreError,
+    StreambarsError,
+)
+from ..observe import configure_logging, get_logger, scrub
+from ..pipeline import most_telling_error, unwrapped
+from .epoch import Epoch
 from .metrics import DaemonMetrics
 from .notify import Notifier, WatchdogGate
-from .observe import configure_logging, get_logger, scrub
-from .pipeline import unwrapped
+from .stats import DaemonStats
 
 log = get_logger("streambars.daemon")
 
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 STOP_DEADLINE_S = 20.0  # keep below TimeoutStopSec= in the unit
 STATUS_INTERVAL_S = 2.0
-CHECKPOINT_INTERVAL_S = 5.0
 
 
 # ------------------------------------------------------------------------------ pre-flight
@@ -92,19 +100,11 @@ def check_store_writable(settings: Settings) -> Path:
     return root
 
 
-def live_gateway(settings: Settings) -> tuple[str | None, int | None]:
-    gw = settings.databento.live_gateway
-    if not gw:
-        return None, None
-    host, _, port = gw.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
 # ------------------------------------------------------------------------------ logging
 
 
 class LogFile:
-    """``logging.file``: opened line-buffered; :meth:`reopen` after logrotate (SIGHUP)."""
+    """``logging.file``: opened line-buffered; :meth:`open` again after logrotate (SIGHUP)."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -125,53 +125,12 @@ class LogFile:
         if old is not None:
             old.close()
 
-    reopen = open
-
-    def close(self) -> None:
+    def flush(self) -> None:
         if self.stream is not None:
             self.stream.flush()
 
 
 # ------------------------------------------------------------------------------ status
-
-
-@dataclass
-class Counters:
-    """What STATUS= and the log summaries say; updated by the feed and the writer."""
-
-    records: int = 0
-    bars_written: int = 0
-    duplicates: int = 0
-    reconnects: int = 0
-    gaps: int = 0
-    gap_seconds: float = 0.0
-    lag_s: float | None = None
-    last_bar: str = ""
-    state: str = "starting"
-    _rate_t: float = 0.0
-    _rate_n: int = 0
-    rate: float = 0.0
-
-    def tick_rate(self, now: float) -> None:
-        if self._rate_t:
-            dt = now - self._rate_t
-            if dt > 0:
-                self.rate = (self.records - self._rate_n) / dt
-        self._rate_t, self._rate_n = now, self.records
-
-    def line(self) -> str:
-        lag = "-" if self.lag_s is None else f"{self.lag_s:.1f}s"
-        parts = [
-            self.state,
-            f"{self.rate:,.0f} rec/s",
-            f"lag {lag}",
-            f"{self.bars_written:,} bars",
-            f"last bar {self.last_bar or '-'}",
-            f"reconnects {self.reconnects}",
-        ]
-        if self.gaps:
-            parts.append(f"gaps {self.gaps} ({self.gap_seconds:.0f}s)")
-        return ", ".join(parts)
 
 
 # ------------------------------------------------------------------------------ the daemon
@@ -193,8 +152,8 @@ class Daemon:
         self.key = key
         self.notifier = notifier or Notifier(unset_environment=True)
         self.gate = WatchdogGate(self.notifier)
-        self.metrics = DaemonMetrics(settings.databento.dataset)
-        self.counters = Counters()
+        self.stats = DaemonStats(DaemonMetrics(settings.databento.dataset))
+        self.metrics, self.counters = self.stats.metrics, self.stats.counters
         self.reload_settings = reload_settings
         self.log_file = log_file
         self.stop_event: anyio.Event  # made in main(): anyio primitives belong to the loop
@@ -203,7 +162,11 @@ class Daemon:
         self.ready_sent = False
         self.abandoned = False
 
-    # -- callbacks from the feed and the pipeline ------------------------------------
+    # -- the epoch's host (EpochHost) -------------------------------------------------
+
+    @property
+    def watchdog_interval(self) -> float | None:
+        return self.gate.interval
 
     def data_moved(self) -> None:
         """A checkpoint or a bar write went through the whole pipeline: ping the watchdog."""
@@ -218,8 +181,8 @@ class Daemon:
             log.info("ready", subscription=description)
 
     def status(self, text: str | None = None) -> None:
-        self.counters.tick_rate(time.monotonic())
-        self.notifier.status(text or self.counters.line())
+        line = self.stats.status_line()
+        self.notifier.status(text or line)
 
     # -- signals ----------------------------------------------------------------------
 
@@ -252,7 +215,7 @@ class Daemon:
     def _on_sighup(self) -> None:
         if self.log_file is not None:
             try:
-                self.log_file.reopen()
+                self.log_file.open()
             except ConfigError as e:
                 log.error("SIGHUP: could not reopen the log file; keeping the old one", error=str(e))
         log.info("SIGHUP: log file reopened" if self.settings.logging.file else "SIGHUP received")
@@ -282,8 +245,6 @@ class Daemon:
     # -- the run ----------------------------------------------------------------------
 
     async def main(self) -> int:
-        from .feed import Epoch
-
         lv = self.settings.live
         if lv.metrics_port:
             try:
@@ -294,7 +255,6 @@ class Daemon:
         self.stop_event = anyio.Event()
         self.reload_event = anyio.Event()
         self._abandon_scope = anyio.CancelScope()
-        code = EXIT_OK
         try:
             async with unwrapped(), anyio.create_task_group() as tg:
                 self._tg = tg
@@ -315,7 +275,7 @@ class Daemon:
             log.warning("stopped without finishing the drain; unflushed records are replayed next start")
             return EXIT_FAILED
         log.info("stopped", **{"signal": self.stop_signal or "none"}, summary=self.counters.line())
-        return code
+        return EXIT_OK
 
     async def _status_loop(self) -> None:
         while True:
@@ -374,9 +334,9 @@ def run_daemon(settings: Settings, env_file: str | os.PathLike[str] | None = ".e
         return anyio.run(daemon.main, backend="asyncio")
     except DatasetError as e:
         return _fatal(daemon, "the Live gateway does not serve this dataset; check databento.dataset",
-                      e, EXIT_CONFIG, settings)
+                      e, EXIT_USAGE, settings)
     except AuthenticationError as e:
-        return _fatal(daemon, "the Live gateway refused the API key; not retrying", e, EXIT_CONFIG,
+        return _fatal(daemon, "the Live gateway refused the API key; not retrying", e, EXIT_USAGE,
                       settings)
     except KeyboardInterrupt:
         raise  # a stop before the signal receivers were installed: the CLI says so, exit 130
@@ -384,16 +344,14 @@ def run_daemon(settings: Settings, env_file: str | os.PathLike[str] | None = ".e
         # Every other failure (StoreError on disk full, an OSError, a bug) is one JSON error
         # event in the journal and STATUS=; the CLI prints the one line and picks the exit
         # code (2 for configuration, else 1: systemd restarts).
-        from .pipeline import most_telling_error
-
         cause = most_telling_error(e) if isinstance(e, BaseExceptionGroup) else e
         log.error("stopped by an error", error=scrub(f"{cause}" or type(cause).__name__),
                   kind=type(cause).__name__,
-                  exit_code=EXIT_CONFIG if isinstance(cause, ConfigError) else getattr(cause, "exit_code", EXIT_FAILED))
+                  exit_code=getattr(cause, "exit_code", EXIT_FAILED))
         daemon.notifier.notify(STATUS=f"failed: {scrub(str(cause))}")
         raise
     finally:
-        log_file.close()
+        log_file.flush()
 
 
 def _fatal(daemon: Daemon, what: str, e: BaseException, code: int, settings: Settings) -> int:

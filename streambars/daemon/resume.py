@@ -13,13 +13,13 @@
   their end by the grace: never while disconnected, never while a replay is catching up,
   and never while records keep arriving older than the grace (a feed behind real time:
   closing by the wall clock then would make its records late).
-* :func:`live_archive_tail` — the last record each symbol's live archive holds, so records
-  replayed after a ``kill -9`` are not archived twice.
+
+(:func:`~streambars.archive.live_archive_tail`, the last record each symbol's live archive
+holds, so records replayed after a ``kill -9`` are not archived twice, lives in the archive.)
 """
 
 from __future__ import annotations
 
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -27,12 +27,14 @@ from typing import Any
 
 import numpy as np
 
-from . import archive
-from .observe import get_logger
+from ..archive import record_ts
+from ..observe import get_logger
+from ..timeutil import NS
 
 log = get_logger("streambars.resume")
 
-NS = 1_000_000_000
+# NS and record_ts live in timeutil and archive; named here for older imports.
+__all__ = ["NS", "Backoff", "WallClockCloser", "Watermarks", "record_ts"]
 
 
 class Watermarks:
@@ -210,66 +212,3 @@ class WallClockCloser:
             return None
         self.flushed_until = u
         return u
-
-
-def live_archive_tail(root: str | os.PathLike[str], dataset: str, symbol: str) -> tuple[int, int] | None:
-    """(last ts_event, records at it) in the newest live archive file of ``symbol``, or None.
-
-    Reads only the newest month's file (decompressing it, ~0.2 s for a month of 1s bars);
-    records are scanned by their DBN header length, whatever the schema.
-    """
-    d = archive.raw_dir(root, dataset, symbol)
-    files = sorted(d.glob("*" + archive.LIVE_SUFFIX)) if d.is_dir() else []
-    for p in reversed(files):
-        try:
-            contents = archive.read_live_file(p)
-        except Exception as e:  # an unreadable archive must not stop the daemon
-            log.warning("could not read the live archive tail", path=str(p), error=str(e))
-            return None
-        ts = record_ts(contents.records)
-        if len(ts):
-            last = int(ts[-1])
-            return last, int((ts == last).sum())
-    return None
-
-
-def live_archive_head(root: str | os.PathLike[str], dataset: str, symbol: str) -> int | None:
-    """The first ts_event in the oldest live archive file of ``symbol`` (reads one frame)."""
-    d = archive.raw_dir(root, dataset, symbol)
-    files = sorted(d.glob("*" + archive.LIVE_SUFFIX)) if d.is_dir() else []
-    for p in files:
-        try:
-            first = True
-            for _, payload in archive.iter_live_frames(p):
-                if first:  # the Metadata frame (records may follow in it)
-                    first = False
-                    payload = payload[8 + int.from_bytes(payload[4:8], "little"):]
-                ts = record_ts(payload)
-                if len(ts):
-                    return int(ts.min())
-        except Exception as e:
-            log.warning("could not read the live archive head", path=str(p), error=str(e))
-            return None
-    return None
-
-
-def record_ts(raw: bytes) -> np.ndarray:
-    """ts_event of every DBN record in ``raw`` (concatenated records of any rtype)."""
-    buf = np.frombuffer(raw, dtype=np.uint8)
-    if len(buf) == 0:
-        return np.empty(0, np.int64)
-    first = int(buf[0]) * 4
-    if first and len(buf) % first == 0 and bool((buf[::first] == buf[0]).all()):
-        # One record size throughout (one schema): a strided view, no Python loop.
-        n = len(buf) // first
-        return np.frombuffer(raw, dtype=np.uint64, count=n * first // 8).reshape(n, first // 8)[:, 1].astype(np.int64)
-    out = []
-    off = 0
-    while off + 16 <= len(buf):
-        size = int(buf[off]) * 4
-        if size < 16:
-            break
-        out.append(int.from_bytes(raw[off + 8 : off + 16], "little"))
-        off += size
-    return np.array(out, dtype=np.int64)
-

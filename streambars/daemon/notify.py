@@ -21,7 +21,7 @@ import socket
 import threading
 import time
 
-from .observe import get_logger
+from ..observe import get_logger
 
 log = get_logger("streambars.notify")
 

@@ -23,11 +23,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .observe import get_logger
+from ..observe import get_logger
+from ..timeutil import NS
 
 log = get_logger("streambars.metrics")
-
-NS = 1_000_000_000
 
 
 class _SnapshotCollector(Collector):

@@ -8,7 +8,7 @@ loop that really moves data:
   ``start=`` the oldest watermark, so whatever happened since is replayed; a gap older than
   ``live.replay_window_h`` is first filled from the Historical API;
 * read events with a short timeout so the loop comes round at least every ``TICK_S``:
-  records are de-duplicated (:class:`~streambars.resume.Watermarks`), appended to the raw
+  records are de-duplicated (:class:`~streambars.daemon.resume.Watermarks`), appended to the raw
   archive, and sent on; ``END_OF_INTERVAL`` and the wall clock past a bar's end by the grace
   send :class:`~streambars.pipeline.FlushUntil`; every ``CHECKPOINT_INTERVAL_S`` a
   :class:`~streambars.pipeline.Checkpoint` carries the engine state and the watermarks to
@@ -23,21 +23,23 @@ checkpoint, the stream closed, the pipeline drained, every file closed.
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import time
+from contextlib import aclosing
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import anyio
 import numpy as np
 from anyio.abc import ObjectSendStream
 
-from . import archive as archive_mod
-from .errors import AuthenticationError, DatasetError, SourceError, StoreError
-from .observe import get_logger, scrub
-from .pipeline import (
+from .. import archive as archive_mod
+from ..archive import live_archive_head, live_archive_tail
+from ..config import Settings
+from ..errors import AuthenticationError, DatasetError, SourceError, StoreError
+from ..fsio import pid_alive
+from ..observe import get_logger, scrub
+from ..pipeline import (
     Checkpoint,
     FlushUntil,
     PipelineItem,
@@ -45,9 +47,8 @@ from .pipeline import (
     restore_engine,
     run_pipeline,
 )
-from .records import INPUT_INTERVAL_NS, BarBatch, RecordBatch, SeriesRegistry
-from .resume import NS, Backoff, WallClockCloser, Watermarks, live_archive_head, live_archive_tail
-from .sources.live import (
+from ..records import INPUT_INTERVAL_NS, BarBatch, RecordBatch, SeriesRegistry
+from ..sources.live import (
     EndOfInterval,
     GatewayError,
     Heartbeat,
@@ -58,12 +59,15 @@ from .sources.live import (
     LiveSession,
     SystemMessage,
 )
-
-if TYPE_CHECKING:
-    from .daemon import Daemon
+from ..store import symbols_with_note
+from ..timeutil import NS, iso
+from .gapfill import HistoricalGapFill
+from .resume import Backoff, WallClockCloser, Watermarks
+from .stats import DaemonStats
 
 log = get_logger("streambars.feed")
 
+CHECKPOINT_INTERVAL_S = 5.0
 TICK_S = 0.25
 ARCHIVE_THREAD_RECORDS = 512  # archive batches at least this big on a worker thread
 MERGE_MAX_RECORDS = 65_536  # at most this many records merged while the pipeline is busy
@@ -71,25 +75,44 @@ LIVE_NOTE = "live"
 
 
 def _iso(ts_ns: int | None) -> str:
-    if ts_ns is None or ts_ns < 0:
-        return "-"
-    return str(np.datetime64(int(ts_ns), "ns"))[:23] + "Z"
+    return iso(ts_ns, "ms")
+
+
+class EpochHost(Protocol):
+    """What an epoch needs of the process that runs it (:class:`~.service.Daemon`)."""
+
+    settings: Settings
+    key: str
+    stop_event: anyio.Event  # SIGTERM/SIGINT: drain and end
+    reload_event: anyio.Event  # SIGHUP changed the symbols: drain, end, start anew
+    stats: DaemonStats  # the one sink of counters and metrics
+    watchdog_interval: float | None  # None: no watchdog
+
+    def data_moved(self) -> None:
+        """A checkpoint or a bar write went through the whole pipeline."""
+
+    def subscribed(self, description: str) -> None:
+        """A subscription succeeded (the first one sends READY=1)."""
+
+    def status(self, text: str | None = None) -> None:
+        """Set STATUS= (the counters' line when no text)."""
 
 
 class Epoch:
     """One pipeline run over one symbol list; see the module doc."""
 
-    def __init__(self, daemon: Daemon):
-        self.d = daemon
-        self.settings = s = daemon.settings
+    def __init__(self, host: EpochHost):
+        self.host = host
+        self.stats = host.stats
+        self.settings = s = host.settings
         db, lv = s.databento, s.live
         # Series are stored symbols: for a parent subscription, the instruments the stream
         # maps (registered as they come), never the parent itself.
         self.registry = SeriesRegistry([] if db.stype_in == "parent" else list(db.symbols))
         self.interval_ns = INPUT_INTERVAL_NS[db.schema]
         self.closer = WallClockCloser(lv.close_grace_s, interval_ns=self.interval_ns)
-        self.marks = Watermarks()  # what reached the engine
-        self.amarks = Watermarks()  # what reached the raw archive
+        self.engine_marks = Watermarks()  # what reached the engine
+        self.archive_marks = Watermarks()  # what reached the raw archive
         self.notes: dict[str, dict[str, Any]] = {}
         self.start_hints: dict[int, int] = {}  # series without a saved mark: replay from here
         self.flushed_until = 0
@@ -98,14 +121,14 @@ class Epoch:
         self.symbol_errors: set[str] = set()
         self.disconnected_at: float | None = None  # wall clock
         self.connected_description = ""
-        self.stats = PipelineStats()
+        self.pipeline_stats = PipelineStats()
         self._ckpt_due = 0.0
         self._pending_wait = max(lv.batch_max_ms / 1000.0, 0.001)
 
     # -- set-up ------------------------------------------------------------------------
 
     def _open(self) -> tuple[Any, Any, Any]:
-        from .pipeline import make_engine, make_writers
+        from ..pipeline import make_engine, make_writers
 
         s, db = self.settings, self.settings.databento
         _remove_dead_gapfills(Path(s.store.path) / db.dataset)
@@ -126,11 +149,11 @@ class Epoch:
             live = dict(note.get(LIVE_NOTE) or {})
             self.notes[name] = {k: v for k, v in note.items() if k != LIVE_NOTE}
             if "last_ts" in live:
-                self.marks.set(i, int(live["last_ts"]), int(live.get("n_at_last", 1)))
+                self.engine_marks.set(i, int(live["last_ts"]), int(live.get("n_at_last", 1)))
             self.flushed_until = max(self.flushed_until, int(live.get("flushed_until", 0)))
             tail = live_archive_tail(s.store.path, db.dataset, name)
             if tail is not None:
-                self.amarks.set(i, *tail)
+                self.archive_marks.set(i, *tail)
                 if "last_ts" not in live:
                     # Archived but never checkpointed (killed within its first seconds):
                     # replay from the first record the daemon ever archived.
@@ -142,8 +165,8 @@ class Epoch:
         log.info(
             "resuming",
             symbols=self.registry.names,
-            engine_marks={n: _iso(self.marks.to_note(i).get("last_ts")) for i, n in enumerate(self.registry.names)},
-            archive_marks={n: _iso(self.amarks.to_note(i).get("last_ts")) for i, n in enumerate(self.registry.names)},
+            engine_marks={n: _iso(self.engine_marks.to_note(i).get("last_ts")) for i, n in enumerate(self.registry.names)},
+            archive_marks={n: _iso(self.archive_marks.to_note(i).get("last_ts")) for i, n in enumerate(self.registry.names)},
         )
         return writers, engine, arch
 
@@ -152,11 +175,11 @@ class Epoch:
     async def run(self) -> None:
         writers, engine, arch = await anyio.to_thread.run_sync(self._open)
         self.engine, self.writers, self.archive = engine, writers, arch
-        m = self.d.metrics.snapshots
+        m = self.stats.snapshots
         m.queue_depths = self._queue_depths
         m.validation_counts = self._validation_counts
         m.last_bars = self._last_bars
-        m.aggregated = lambda: self.stats.records
+        m.aggregated = lambda: self.pipeline_stats.records
         send, recv = anyio.create_memory_object_stream[PipelineItem](self.settings.live.queue_size)
         self._feed_queue = send
         try:
@@ -165,7 +188,7 @@ class Epoch:
                 await run_pipeline(
                     recv, engine, writers, self.registry,
                     queue_size=self.settings.live.queue_size,
-                    stats=self.stats, on_written=self._on_written,
+                    stats=self.pipeline_stats, on_written=self._on_written,
                 )
         finally:
             with anyio.CancelScope(shield=True):  # even when the drain is abandoned
@@ -176,8 +199,8 @@ class Epoch:
             self.archive.close()
         finally:
             self.writers.close_all()
-        log.info("epoch closed: files flushed and closed", records=self.stats.records,
-                 bars=self.stats.bars_written)
+        log.info("epoch closed: files flushed and closed", records=self.pipeline_stats.records,
+                 bars=self.pipeline_stats.bars_written)
 
     # -- the producer: the loop that moves data ---------------------------------------
 
@@ -198,11 +221,11 @@ class Epoch:
                 except (SourceError, OSError, ValueError) as e:
                     await _close_session(session)
                     delay = backoff.next()
-                    self.d.counters.state = "connecting"
+                    self.stats.state("connecting")
                     log.warning("cannot reach the Live gateway; retrying", gateway=self._gateway_text(),
                                 attempt=backoff.attempt, retry_in_s=round(delay, 2),
                                 error=scrub(str(e)))
-                    self.d.status(f"cannot reach {self._gateway_text()}: {scrub(str(e))}; "
+                    self.host.status(f"cannot reach {self._gateway_text()}: {scrub(str(e))}; "
                                   f"attempt {backoff.attempt}, retrying in {delay:.1f}s")
                     await self._idle(delay)
                     continue
@@ -211,22 +234,20 @@ class Epoch:
                 finally:
                     await _close_session(session)  # same task as connect(): it owns a task group
                 self.closer.disconnected()
-                self.d.metrics.connected.set(0)
+                self.stats.connected(False)
                 if self._stopping():
                     break
                 self.disconnected_at = time.time()
-                self.d.counters.state = "reconnecting"
-                self.d.counters.reconnects += 1
-                self.d.metrics.reconnects.labels(reason.split(":")[0]).inc()
+                self.stats.reconnect(reason.split(":")[0])
                 delay = backoff.next()
                 log.warning("live connection lost; reconnecting with replay", reason=reason,
-                            retry_in_s=round(delay, 2), last_held=_iso(self.marks.resume_ts()))
+                            retry_in_s=round(delay, 2), last_held=_iso(self.engine_marks.resume_ts()))
                 await self._idle(delay)
             # Stopping: everything passed on is in the pipeline; persist where we are.
             await send.send(self._checkpoint())
 
     def _stopping(self) -> bool:
-        return self.d.stop_event.is_set() or self.d.reload_event.is_set()
+        return self.host.stop_event.is_set() or self.host.reload_event.is_set()
 
     async def _idle(self, seconds: float) -> None:
         """Wait (backoff) while still checkpointing, so the watchdog sees a live pipeline."""
@@ -236,7 +257,7 @@ class Epoch:
             if left <= 0:
                 return
             with anyio.move_on_after(min(left, TICK_S)):
-                await self.d.stop_event.wait()
+                await self.host.stop_event.wait()
             await self._periodic(allow_flush=False)
 
     async def _periodic(self, allow_flush: bool = True) -> None:
@@ -247,7 +268,7 @@ class Epoch:
                 await self._flush(until)
         if now >= self._ckpt_due:
             self._ckpt_due = now + min(
-                _checkpoint_interval(), self.d.gate.interval or _checkpoint_interval()
+                CHECKPOINT_INTERVAL_S, self.host.watchdog_interval or CHECKPOINT_INTERVAL_S
             )
             await self._send.send(self._checkpoint())
 
@@ -259,12 +280,12 @@ class Epoch:
     def _checkpoint(self) -> Checkpoint:
         progress = {}
         for i, name in enumerate(self.registry.names):
-            live = self.marks.to_note(i)
+            live = self.engine_marks.to_note(i)
             live["flushed_until"] = int(self.flushed_until)
             progress[name] = {**self.notes.get(name, {}), LIVE_NOTE: live}
         # Saved by the writer stage after everything sent before it: the watchdog's proof
         # that the whole pipeline moves even when no bar closes.
-        return Checkpoint(tuple(self.registry.names), progress, on_saved=self.d.data_moved)
+        return Checkpoint(tuple(self.registry.names), progress, on_saved=self.host.data_moved)
 
     # -- one connection ----------------------------------------------------------------
 
@@ -274,7 +295,7 @@ class Epoch:
     def _session(self, start: int | None) -> LiveSession:
         db, lv = self.settings.databento, self.settings.live
         return LiveSession(
-            self.d.key, db.dataset, db.schema, db.symbols, db.stype_in,
+            self.host.key, db.dataset, db.schema, db.symbols, db.stype_in,
             gateway=db.live_gateway or None, start=start, registry=self.registry,
             batch_max_records=lv.batch_max_records, batch_max_ms=lv.batch_max_ms,
             heartbeat_interval_s=lv.heartbeat_interval_s, heartbeat_timeout_s=lv.heartbeat_timeout_s,
@@ -284,17 +305,17 @@ class Epoch:
     async def _pump(self, session: LiveSession, start: int | None, backoff: Backoff) -> str:
         """Read one connection until it ends; returns why it ended."""
         replay = start is not None
-        self.closer.subscribed(replay=replay)
-        self.marks.arm()
-        self.amarks.arm()
-        self.d.metrics.connected.set(1)
-        self.d.counters.state = "catching up" if replay else "streaming"
+        self.closer.subscribed()
+        self.engine_marks.arm()
+        self.archive_marks.arm()
+        self.stats.connected(True)
+        self.stats.state("catching up" if replay else "streaming")
         desc = (f"{self.settings.databento.dataset} {self.settings.databento.schema} "
                 f"{len(self.registry.names)} symbol(s) via {self._gateway_text()}"
                 + (f", replay from {_iso(start)}" if replay else ""))
         if self.disconnected_at is not None:
             self._log_gap(start)
-        self.d.subscribed(desc)
+        self.host.subscribed(desc)
         got_data = False
         # Records wait here only while the pipeline is still busy with earlier ones: they are
         # then sent as one bigger batch, so a busy feed costs fewer engine calls, archive
@@ -339,19 +360,18 @@ class Epoch:
         """Anything still queued between here and the store writer."""
         if self._send.statistics().current_buffer_used:
             return True
-        return any(q.statistics().current_buffer_used for q in self.stats.queues.values())
+        return any(self.pipeline_stats.queue_depths().values())
 
     async def _records(self, ev: LiveRecords) -> None:
         b = ev.batch
         n = len(b)
         if n == 0:
             return
-        keep = self.marks.filter(b.series, b.ts_event)
-        akeep = self.amarks.filter(b.series, b.ts_event)
+        keep = self.engine_marks.filter(b.series, b.ts_event)
+        akeep = self.archive_marks.filter(b.series, b.ts_event)
         dup = 0 if keep is None else int(n - keep.sum())
         if dup:
-            self.d.counters.duplicates += dup
-            self.d.metrics.duplicates.inc(dup)
+            self.stats.duplicates(dup)
         # The raw archive first: what is not yet in it (after a kill -9 it may hold more
         # than the engine state saw), before anything aggregates it.
         if akeep is None:
@@ -365,10 +385,7 @@ class Epoch:
             b = b.take(idx)
         last_end = int(b.ts_event.max()) + self.interval_ns
         self.closer.records(last_end)
-        self.d.counters.records += len(b)
-        now = time.time()
-        self.d.counters.lag_s = max(now - last_end / NS, 0.0)
-        self.d.metrics.observe_records(len(b), last_end, now)
+        self.stats.records(len(b), last_end, time.time())
         await self._send.send(b)
 
     async def _archive(self, records: np.ndarray, series: np.ndarray) -> None:
@@ -400,7 +417,7 @@ class Epoch:
         ):
             if self.closer.catching_up:
                 log.info("replay caught up", how="heartbeat" if isinstance(ev, Heartbeat) else ev.code)
-                self.d.counters.state = "streaming"
+                self.stats.state("streaming")
             self.closer.caught_up()
         elif isinstance(ev, SystemMessage):
             if ev.code == "slow_reader_warning":
@@ -410,7 +427,7 @@ class Epoch:
                 key = ev.symbol or ev.message
                 if key not in self.symbol_errors:
                     self.symbol_errors.add(key)
-                    self.d.metrics.symbol_errors.inc()
+                    self.stats.symbol_error()
                     log.error("the gateway could not resolve a symbol; going on with the others",
                               symbol=ev.symbol, message=scrub(ev.message))
             elif ev.code in ("auth_failed", "api_key_deactivated"):
@@ -426,20 +443,17 @@ class Epoch:
         outage = time.time() - self.disconnected_at
         self.disconnected_at = None
         data_gap = None if start is None else max(time.time() - start / NS, 0.0)
-        self.d.counters.gaps += 1
-        self.d.counters.gap_seconds += outage
-        self.d.metrics.gaps.labels("replay").inc()
-        self.d.metrics.gap_seconds.labels("replay").inc(outage)
+        self.stats.gap("replay", outage)
         log.warning("reconnected; the gap is being replayed", outage_s=round(outage, 3),
                     replay_from=_iso(start),
                     replay_span_s=None if data_gap is None else round(data_gap, 3),
-                    reconnects=self.d.counters.reconnects)
+                    reconnects=self.stats.counters.reconnects)
 
     # -- gaps beyond the replay window -------------------------------------------------
 
     def _resume_start(self) -> int | None:
         """Where the next subscription replays from (None: no replay, join live)."""
-        marks = self.marks.last_ts
+        marks = self.engine_marks.last_ts
         held = [int(t) for t in marks if t >= 0]
         held += [h for i, h in self.start_hints.items() if i >= len(marks) or marks[i] < 0]
         if not held:
@@ -456,14 +470,14 @@ class Epoch:
         if start >= oldest:
             return start
         gap_s = (oldest - start) / NS
-        from .gapfill import fill_from_historical
-
-        filled = await fill_from_historical(self, start, oldest)
-        self.d.counters.gaps += 1
-        self.d.counters.gap_seconds += gap_s
-        how = "historical" if filled else "none"
-        self.d.metrics.gaps.labels(how).inc()
-        self.d.metrics.gap_seconds.labels(how).inc(gap_s)
+        fill = HistoricalGapFill(self.settings, self.host.key, self.registry, start, oldest)
+        async with aclosing(fill.batches()) as batches:
+            async for batch in batches:
+                await self._records(batch)
+        if fill.final_until is not None:
+            await self._flush(fill.final_until)
+        filled = fill.filled
+        self.stats.gap("historical" if filled else "none", gap_s)
         if not filled:
             log.error("GAP: older than the replay window and not filled from Historical; "
                       "run `streambars backfill` over it", gap_from=_iso(start), gap_to=_iso(oldest),
@@ -473,7 +487,7 @@ class Epoch:
     # -- pipeline callbacks and metrics snapshots --------------------------------------
 
     def _on_written(self, bars: BarBatch, written: int) -> None:
-        self.d.data_moved()
+        self.host.data_moved()
         if len(bars) == 0:
             return
         arr = bars.bars
@@ -482,21 +496,16 @@ class Epoch:
             grow = len(self.registry) - self.last_bar.shape[0]
             self.last_bar = np.vstack([self.last_bar, np.full((grow, len(self.tf_names)), -1, np.int64)])
         np.maximum.at(self.last_bar, (s, t), arr["ts_event"])
-        self.d.counters.bars_written += written
-        self.d.metrics.observe_bars(self.tf_names, t)
         i = int(np.argmax(arr["ts_event"]))
-        self.d.counters.last_bar = (
-            f"{self.registry.names[int(s[i])]} {self.tf_names[int(t[i])]} {_iso(int(arr['ts_event'][i]))}"
-        )
+        last = f"{self.registry.names[int(s[i])]} {self.tf_names[int(t[i])]} {_iso(int(arr['ts_event'][i]))}"
+        self.stats.bars(written, self.tf_names, t, last)
 
     def _queue_depths(self) -> dict[str, int]:
-        out = {"feed": self._feed_queue.statistics().current_buffer_used}
-        for name, stream in getattr(self.stats, "queues", {}).items():
-            out[name] = stream.statistics().current_buffer_used
-        return out
+        return {"feed": self._feed_queue.statistics().current_buffer_used,
+                **self.pipeline_stats.queue_depths()}
 
     def _validation_counts(self) -> list[tuple[str, str, int]]:
-        from .rules import RECORD_RULE_NAMES
+        from ..rules import RECORD_RULE_NAMES
 
         counts = np.asarray(self.engine.counts)
         out = []
@@ -519,13 +528,8 @@ def _remove_dead_gapfills(directory: Path) -> None:
         pid = d.name.split("-")[1] if d.name.count("-") >= 2 else ""
         if not pid.isdigit():
             continue
-        try:
-            os.kill(int(pid), 0)
-            continue  # still running
-        except ProcessLookupError:
+        if not pid_alive(int(pid)):
             shutil.rmtree(d, ignore_errors=True)
-        except PermissionError:
-            continue
 
 
 def _daemon_written_symbols(root: Any, dataset: str) -> list[str]:
@@ -534,30 +538,8 @@ def _daemon_written_symbols(root: Any, dataset: str) -> list[str]:
     A ``parent`` subscription learns its instruments from the stream; registering the ones
     a daemon wrote before lets their engine state and marks (or, if killed before their
     first checkpoint, their archive) be found again at start."""
-    import h5py
-
-    from .naming import filename_to_symbol
-    from .store.layout import read_blob
-
-    out = []
-    raw = Path(root) / dataset / "raw"
-    if raw.is_dir():
-        for d in sorted(raw.iterdir()):
-            if any(d.glob("*" + archive_mod.LIVE_SUFFIX)):
-                try:
-                    out.append(filename_to_symbol(d.name))
-                except ValueError:
-                    continue
-    for path in sorted((Path(root) / dataset).glob("*.h5")):
-        try:
-            name = filename_to_symbol(path.stem)
-            with h5py.File(path, "r", swmr=True, locking=False) as f:
-                _, blob = read_blob(f["meta"]["progress"])
-            if blob and LIVE_NOTE in json.loads(blob) and name not in out:
-                out.append(name)
-        except (OSError, KeyError, ValueError) as e:
-            log.warning("skipping a store file while listing parent instruments", path=str(path),
-                        error=str(e))
+    out = archive_mod.live_symbols(root, dataset)
+    out += [name for name in symbols_with_note(root, dataset, LIVE_NOTE) if name not in out]
     return out
 
 
@@ -567,12 +549,6 @@ async def _close_session(session: LiveSession) -> None:
         await session.close()
     except Exception as e:  # e.g. its batch ticker caught blocked on the stream being closed
         log.debug("closing the live session raised; ignored", error=scrub(repr(e)))
-
-
-def _checkpoint_interval() -> float:
-    from .daemon import CHECKPOINT_INTERVAL_S
-
-    return CHECKPOINT_INTERVAL_S
 
 
 def _merge(parts: list[LiveRecords]) -> LiveRecords:
