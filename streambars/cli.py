@@ -174,6 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="*", help="files to compact (default: every file in the store)")
     p.add_argument("--compression", choices=("gzip", "lzf"), default="gzip")
     p.set_defaults(handler=_cmd_compact)
+
+    p = sub.add_parser("repair", help="rebuild a damaged store file from the raw archive",
+                       description="Rebuild one store file from the raw archive (every input it was "
+                       "built from is kept there). The damaged file is kept beside it as "
+                       "<name>.h5.damaged-<UTC>. Its timeframes, session and ledger are read from the "
+                       "damaged file when they can be, else from the configuration and the archive.")
+    _common(p)
+    _source_flags(p)
+    p.add_argument("file", help="the store file, <store>/<dataset>/<symbol>.h5")
+    p.set_defaults(handler=_cmd_repair)
     return parser
 
 
@@ -273,6 +283,12 @@ def _cmd_compact(args: argparse.Namespace, settings: Settings) -> int:
     for path, before, after in compact_store(settings.store.path, args.paths, args.compression):
         print(f"{path}\t{before:,} -> {after:,} bytes")
     return EXIT_OK
+
+
+def _cmd_repair(args: argparse.Namespace, settings: Settings) -> int:
+    from .repair import repair_file
+
+    return repair_file(settings, args.file, out=sys.stdout)
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
