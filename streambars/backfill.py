@@ -152,11 +152,21 @@ def plan_chunks(symbols: Sequence[str], start: datetime, end: datetime) -> list[
 
 
 def run_backfill(settings: Settings, options: BackfillOptions, out: TextIO = sys.stdout) -> int:
-    """The command: plan, check cost, run the pipeline, print the summary. Returns exit code."""
+    """The command: plan, check cost, run (here or on a Dask cluster), print the summary.
+    Returns the exit code."""
+    cluster = settings.cluster.scheduler or settings.cluster.workers
+    if cluster:
+        from .cluster import require_distributed
+
+        require_distributed()  # before planning: no cost query for a run that cannot start
     planned = plan_backfill(settings, options, out)
     if planned is None:  # dry run
         return 0
     plan, client = planned
+    if cluster:
+        from .cluster import run_on_cluster
+
+        return run_on_cluster(plan, out=out)
     result = execute(plan, client=client)
     print_summary(result, plan.settings, out)
     return 0
