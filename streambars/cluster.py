@@ -52,6 +52,15 @@ log = get_logger("streambars.cluster")
 EXTRA = "pip install 'streambars[cluster]'"
 #: How long Ctrl-C waits for running tasks to stop at a batch boundary before cancelling.
 STOP_WAIT_S = 60.0
+#: A local cluster's workers run long CPU-bound tasks: Dask's statistical profiler (a stack
+#: sample every 10 ms) and its 20 ms event-loop tick take the GIL from them; off / slower,
+#: a symbol costs about as much CPU in a worker as in one process (bench/cluster.py).
+LOCAL_WORKER_CONFIG = {
+    "distributed.worker.profile.enabled": False,
+    "distributed.admin.tick.interval": "1s",
+    "distributed.admin.system-monitor.interval": "5s",
+    "distributed.worker.memory.monitor-interval": "1s",
+}
 #: Seconds between aggregated progress log events when stderr is not a terminal.
 LOG_EVERY_S = 5.0
 
@@ -295,6 +304,9 @@ def connect(scheduler: str, workers: int, quiet: bool = True) -> Iterator[Any]:
         finally:
             client.close()
         return
+    import dask
+
+    dask.config.set(LOCAL_WORKER_CONFIG)  # handed to each worker process the nannies start
     cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
                            dashboard_address=None, silence_logs=logging.ERROR)
     try:
