@@ -52,10 +52,14 @@ log = get_logger("streambars.cluster")
 EXTRA = "pip install 'streambars[cluster]'"
 #: How long Ctrl-C waits for running tasks to stop at a batch boundary before cancelling.
 STOP_WAIT_S = 60.0
-#: A local cluster's workers run long CPU-bound tasks: Dask's statistical profiler (a stack
-#: sample every 10 ms) and its 20 ms event-loop tick take the GIL from them; off / slower,
-#: a symbol costs about as much CPU in a worker as in one process (bench/cluster.py).
+#: A local cluster's workers run long CPU-bound tasks that allocate and free large arrays.
+#: Dask's nannies start workers with MALLOC_TRIM_THRESHOLD_=65536, so glibc hands every freed
+#: batch back to the kernel and faults it in again (3-5x the page faults, 3x the system time
+#: of one process); its statistical profiler (a stack sample every 10 ms) and 20 ms tick take
+#: the GIL. Without them a symbol costs as much CPU in a worker as in one process
+#: (bench/cluster.py; docs/cluster.md gives the same settings for `dask worker`).
 LOCAL_WORKER_CONFIG = {
+    "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,  # glibc's own default
     "distributed.worker.profile.enabled": False,
     "distributed.admin.tick.interval": "1s",
     "distributed.admin.system-monitor.interval": "5s",
