@@ -1,8 +1,12 @@
 """`streambars backfill`: history into the store, in any order, resume-safe, paid once.
 
-Planning reads each symbol's ledger (:mod:`streambars.ledger`) from its file, if the file
-exists (nothing is created until the inputs are checked), and keeps only the spans of the
-requested range the file has not ingested: only those are priced and downloaded.
+Planning (:func:`plan_backfill`, once, in the process the user started) reads each
+symbol's ledger (:mod:`streambars.ledger`) from its file, if the file exists (nothing is
+created until the inputs are checked), and keeps only the spans of the requested range the
+file has not ingested: only those are priced and downloaded, and the cost guard runs here.
+Execution (:func:`execute`) carries out the :class:`Plan` for all its symbols in this
+process, or for one symbol per task on a Dask cluster (:mod:`streambars.cluster`); it reads
+each ledger again, so a part that is run again does only what is still missing.
 
 Each input then becomes an :class:`Item` (an archive file and, per symbol, the spans of it
 that count) and goes through the shared pipeline one of two ways:
@@ -345,10 +349,6 @@ class Plan:
                       for i in self.items if keep & set(i.spans))
         return replace(self, symbols=tuple(n for n in self.symbols if n in keep), items=items,
                        chunks_total=0, chunks_skipped=0)  # the whole plan's counts, not a task's
-
-    def downloads(self) -> int:
-        """Items that will be downloaded (their archive file is missing, or --force)."""
-        return sum(1 for i in self.items if i.fetch and _stale(i, self))
 
 
 def _stale(item: Item, plan: Plan) -> bool:

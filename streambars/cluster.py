@@ -205,6 +205,7 @@ def _emitter(task: SymbolTask, attempt: str) -> Callable[..., None]:
         worker.log_event(topic(task.token), {
             "kind": kind, "symbol": task.symbol, "attempt": attempt, "units": units, "label": label,
             "records": stats.records if stats else 0, "bars": stats.bars if stats else 0,
+            "bytes": stats.progress.bytes if stats else 0,
             "host": host, "pid": pid,
         })
 
@@ -275,6 +276,7 @@ class Board:
             p = self.progress
             p.records = sum(m["records"] for m in self.latest.values())
             p.bars = sum(m["bars"] for m in self.latest.values())
+            p.bytes = sum(m.get("bytes", 0) for m in self.latest.values())
             p.units_done = min(sum(max(m["units"], 0) for m in self.latest.values()), self.units_total)
             return p
 

@@ -335,3 +335,35 @@ def test_ctrl_c_stops_every_task_and_a_rerun_completes_the_store(market, referen
     assert "Traceback" not in err
     assert main(_args(store, market, "--yes")) == 0  # every file consistent: the rerun finishes
     _assert_equal(store, reference)
+
+
+def test_dbn_files_of_several_symbols_on_the_cluster_equal_one_process(client, tmp_path):
+    """--from-dbn: one file holding two symbols and one file of one of them later; each task
+    keeps its own symbol's records."""
+    from datetime import UTC, datetime
+
+    from streambars.backfill import plan_dbn_files
+    from streambars.config import load_settings
+    from streambars.store import open_store
+    from streambars.synthetic import es_like_1s_bars, interleave, write_dbn
+
+    day = 86_400 * 10**9
+    t0 = int(datetime(2024, 3, 4, tzinfo=UTC).timestamp()) * 10**9
+    a, b = (es_like_1s_bars(t0, 2, seed=s, instrument_id=i) for s, i in ((1, 11), (2, 12)))
+    later = es_like_1s_bars(t0 + 2 * day, 1, seed=3, instrument_id=11)
+    files = [write_dbn(tmp_path / "both.dbn.zst", interleave(a, b), symbols={"XA": 11, "XB": 12},
+                       start_ns=t0, end_ns=t0 + 2 * day),
+             write_dbn(tmp_path / "xa.dbn.zst", later, symbols={"XA": 11}, start_ns=t0 + 2 * day,
+                       end_ns=t0 + 3 * day)]
+    tfs = "1s,1min,1h,1d"
+    assert main(["backfill", "--store", str(tmp_path / "one"), "--from-dbn", *map(str, files),
+                 "--timeframes", tfs, "--log-format", "json"]) == 0
+    settings = load_settings(None, {"store.path": str(tmp_path / "many"), "bars.timeframes": tfs})
+    plan = plan_dbn_files(settings, files, out=io.StringIO())
+    assert run_on_cluster(plan, out=io.StringIO(), client=client) == 0
+    with open_store(tmp_path / "one") as one, open_store(tmp_path / "many") as many:
+        for symbol in ("XA", "XB"):
+            for tf in tfs.split(","):
+                exp = one.read(symbol, tf, dataset="GLBX.MDP3")
+                assert len(exp) > 0
+                np.testing.assert_array_equal(many.read(symbol, tf, dataset="GLBX.MDP3"), exp)
