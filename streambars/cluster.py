@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .backfill import BackfillResult, Plan, RunHooks, StopRequested, execute, print_summary
-from .config import ConfigError
+from .config import API_KEY_ENV, ConfigError
 from .errors import StreambarsError, UsageError
 from .observe import Progress, TerminalProgress, configure_logging, get_logger, scrub
 
@@ -178,8 +178,13 @@ def run_symbol(task: SymbolTask) -> SymbolReport:
     except (StopRequested, KeyboardInterrupt):
         return replace(report, ok=False, cancelled=True, error="cancelled")
     except (StreambarsError, ConfigError) as e:
-        log.error("symbol failed", symbol=task.symbol, error=scrub(str(e)))
-        return replace(report, ok=False, error=scrub(str(e)), seconds=time.monotonic() - t0)
+        text = scrub(str(e))
+        if isinstance(e, ConfigError) and e.key == API_KEY_ENV:
+            text = (f"worker {_worker_name()} must download but has no {API_KEY_ENV} in its "
+                    f"environment or in {task.plan.env_file or '.env'}: give every worker the key "
+                    "(docs/cluster.md)")
+        log.error("symbol failed", symbol=task.symbol, error=text)
+        return replace(report, ok=False, error=text, seconds=time.monotonic() - t0)
     except Exception as e:
         log.error("symbol failed; Dask retries it", symbol=task.symbol, error=scrub(f"{type(e).__name__}: {e}"))
         raise TaskFailed(scrub(f"{type(e).__name__}: {e}")) from None

@@ -367,3 +367,14 @@ def test_dbn_files_of_several_symbols_on_the_cluster_equal_one_process(client, t
                 exp = one.read(symbol, tf, dataset="GLBX.MDP3")
                 assert len(exp) > 0
                 np.testing.assert_array_equal(many.read(symbol, tf, dataset="GLBX.MDP3"), exp)
+
+
+def test_a_worker_without_the_key_says_so(market, tmp_path, monkeypatch):
+    store = tmp_path / "store"
+    plan = _plan(store, market)
+    store.mkdir(parents=True)
+    (store / ".m").write_text("t" * 32)
+    monkeypatch.delenv("DATABENTO_API_KEY")
+    report = run_symbol(SymbolTask("ES.c.0", plan.for_symbols(["ES.c.0"]), "t" * 32, str(store / ".m")))
+    assert not report.ok and "has no DATABENTO_API_KEY" in report.error and "worker " in report.error
+    assert not list(store.rglob("*.h5"))
