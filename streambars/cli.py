@@ -116,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="re-download months already archived")
     p.add_argument("--from-dbn", nargs="+", metavar="PATH", help="ingest DBN files instead (no API key); a directory means the "
                    "*.dbn / *.dbn.zst files directly in it")
+    g = p.add_argument_group("scale-out (pip install 'streambars[cluster]'; see docs/cluster.md)")
+    x = g.add_mutually_exclusive_group()
+    x.add_argument("--scheduler", metavar="ADDRESS", help="run the symbols on an existing Dask cluster, "
+                   "e.g. tcp://10.0.0.5:8786 (config cluster.scheduler); the store must be on a "
+                   "filesystem every worker mounts at the same path")
+    x.add_argument("--workers", type=int, metavar="N", help="run the symbols on a local cluster of N "
+                   "single-threaded worker processes (config cluster.workers)")
     p.set_defaults(handler=_cmd_backfill)
 
     p = sub.add_parser("run", help="the live daemon (Databento Live -> store)",
@@ -198,6 +205,11 @@ def _settings(args: argparse.Namespace) -> Settings:
     for text in args.overrides:
         key, value = parse_override(text)
         overrides[key] = value
+    # One flag picks where backfill runs, whatever the config file said about the other.
+    if getattr(args, "scheduler", None) is not None:
+        overrides.update({"cluster.scheduler": args.scheduler, "cluster.workers": 0})
+    if getattr(args, "workers", None) is not None:
+        overrides.update({"cluster.workers": args.workers, "cluster.scheduler": ""})
     return load_settings(args.config, overrides)
 
 
