@@ -1,8 +1,12 @@
 """`streambars backfill`: history into the store, in any order, resume-safe, paid once.
 
-Planning reads each symbol's ledger (:mod:`streambars.ledger`) from its file, if the file
-exists (nothing is created until the inputs are checked), and keeps only the spans of the
-requested range the file has not ingested: only those are priced and downloaded.
+Planning (:func:`plan_backfill`, once, in the process the user started) reads each
+symbol's ledger (:mod:`streambars.ledger`) from its file, if the file exists (nothing is
+created until the inputs are checked), and keeps only the spans of the requested range the
+file has not ingested: only those are priced and downloaded, and the cost guard runs here.
+Execution (:func:`execute`) carries out the :class:`Plan` for all its symbols in this
+process, or for one symbol per task on a Dask cluster (:mod:`streambars.cluster`); it reads
+each ledger again, so a part that is run again does only what is still missing.
 
 Each input then becomes an :class:`Item` (an archive file and, per symbol, the spans of it
 that count) and goes through the shared pipeline one of two ways:
@@ -27,8 +31,11 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sys
+import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -44,6 +51,7 @@ from .config import Settings, check_timeframes_fit, load_api_key
 from .engine import Aggregator
 from .engine.kernel import S_LAST
 from .errors import CostLimitError, Interrupted, UsageError
+from .fsio import pid_alive
 from .ledger import EMPTY, LIVE, Ledger, Span, span_key
 from .observe import Progress, TerminalProgress, get_logger
 from .pipeline import (
@@ -139,18 +147,6 @@ def plan_chunks(symbols: Sequence[str], start: datetime, end: datetime) -> list[
         chunks += [Chunk(s, f"{cursor:%Y-%m}", cursor, stop) for s in symbols]
         cursor = stop
     return chunks
-
-
-def run_backfill(settings: Settings, options: BackfillOptions, out: TextIO = sys.stdout) -> int:
-    """The command: plan, check cost, run the pipeline, print the summary. Returns exit code."""
-    if options.from_dbn:
-        result = ingest_dbn_files(settings, [Path(p) for p in options.from_dbn], out=out, end=options.end)
-    else:
-        result = backfill_historical(settings, options, out=out)
-    if result is None:  # dry run
-        return 0
-    print_summary(result, out)
-    return 0
 
 
 # ----------------------------------------------------------------------------- what goes in
@@ -291,12 +287,68 @@ def _rebuild_items(settings: Settings, dataset: str, symbol: str, ledger: Ledger
     return items
 
 
+# ----------------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a backfill will do, decided once by the submitting process (ledgers read, cost
+    checked). :func:`execute` carries it out for all its symbols or, on a cluster worker, for
+    one (:meth:`for_symbols`); execution re-reads each file, so a retried task skips what an
+    earlier attempt already finished. Holds no secret: a worker loads the API key itself."""
+
+    settings: Settings  # effective settings (--from-dbn: the files' dataset and schema)
+    dataset: str
+    stype: str
+    symbols: tuple[str, ...]
+    items: tuple[Item, ...]  # in run order (months outermost)
+    flush_end: int | None  # appended files: bars ending by then are final
+    chunks_total: int = 0
+    chunks_skipped: int = 0
+    #: --force: spans inside [a, b) are done afresh; an archive file older than
+    #: ``planned_at`` is downloaded again (once: a retried task finds it fresh)
+    force_range: tuple[int, int] | None = None
+    planned_at: float = 0.0
+    env_file: str | None = ".env"
+
+    def for_symbols(self, names: Sequence[str]) -> Plan:
+        """The part of this plan that concerns ``names`` (a cluster task: one symbol)."""
+        keep = set(names)
+        items = tuple(replace(i, spans={n: s for n, s in i.spans.items() if n in keep})
+                      for i in self.items if keep & set(i.spans))
+        return replace(self, symbols=tuple(n for n in self.symbols if n in keep), items=items,
+                       chunks_total=0, chunks_skipped=0)  # the whole plan's counts, not a task's
+
+
+def _stale(item: Item, plan: Plan) -> bool:
+    """Does ``item`` still need downloading? Missing from the archive, or --force and older
+    than the plan (a task retried after a kill does not pay for it twice)."""
+    if item.path is None or not item.fetch:
+        return False
+    try:
+        mtime = item.path.stat().st_mtime
+    except FileNotFoundError:
+        return True
+    return plan.force_range is not None and mtime < plan.planned_at
+
+
+def plan_backfill(settings: Settings, options: BackfillOptions,
+                  out: TextIO = sys.stdout) -> tuple[Plan, Any] | None:
+    """Plan and price the whole backfill (``--from-dbn`` or Historical): prints the plan and
+    the cost, enforces ``--max-cost``/``--yes``/``--dry-run``. Returns the plan and the
+    Historical client it used (None when nothing is downloaded), or None for a dry run."""
+    if options.from_dbn:
+        return plan_dbn_files(settings, [Path(p) for p in options.from_dbn], out=out, end=options.end), None
+    return plan_historical(settings, options, out=out)
+
+
 # ----------------------------------------------------------------------------- Historical
 
 
-def backfill_historical(
-    settings: Settings, options: BackfillOptions, out: TextIO = sys.stdout
-) -> BackfillResult | None:
+def plan_historical(settings: Settings, options: BackfillOptions,
+                    out: TextIO = sys.stdout) -> tuple[Plan, Any] | None:
+    """Historical planning: only spans the files lack are items; only items missing from the
+    archive are priced. The cost guard runs here, once, before anything is downloaded."""
     db = settings.databento
     if not db.symbols:
         raise UsageError("no symbols: give --symbols or databento.symbols in the config")
@@ -306,86 +358,161 @@ def backfill_historical(
     chunks = plan_chunks(db.symbols, start, end)
     root = settings.store.path
     raw = _raw_root(settings, db.dataset)
+    planned_at = time.time()
     writers = make_writers(settings, db.dataset, db.stype_in)
-    result = BackfillResult(chunks_total=len(chunks))
     try:
         states = read_file_states(settings, writers, db.dataset, db.symbols)
         _check_fits(states, writers, settings)
-        forced: set[str] = set()
-        if options.force:  # what this range holds is downloaded and aggregated afresh
-            lo, hi = int(start.timestamp()) * NS, int(end.timestamp()) * NS
-            for name, fs in states.items():
-                keep = [s for s in fs.ledger.spans if not (lo <= s.start and s.end <= hi)]
-                if len(keep) != len(fs.ledger.spans):
-                    fs.ledger.spans = keep
-                    forced.add(name)
-        new: dict[str, list[Item]] = {name: [] for name in db.symbols}
-        items: list[Item] = []  # months outermost, so every symbol advances together
-        for c in chunks:
-            parts = states[c.symbol].ledger.missing(c.start_ns, c.end_ns)
-            result.chunks_skipped += not parts
-            for a, b in parts:
-                key = span_key(a, b)
-                path = archive.path(root, db.dataset, c.symbol, c.month, key)
-                item = Item(path, {c.symbol: ((a, b),)}, str(path.relative_to(raw)), True,
-                            f"{key} {c.symbol}", fetch=True)
-                new[c.symbol].append(item)
-                items.append(item)
-        need = [i for i in items if options.force or not i.path.exists()]  # type: ignore[union-attr]
-        rebuild = [n for n in db.symbols if new[n] and (n in forced or new[n][0].start < states[n].ledger.frontier())]
-        rebuild += [n for n in forced if n not in rebuild]
-        print(
-            f"plan: {len(chunks)} chunk(s) ({len(db.symbols)} symbol(s) x months), "
-            f"{result.chunks_skipped} already in the store, {len(items) - len(need)} from the "
-            f"raw archive, {len(need)} to download"
-            + (f"; {len(rebuild)} file(s) to rebuild with earlier history: {', '.join(rebuild)}" if rebuild else ""),
-            file=out,
+    finally:
+        writers.close_all()
+    force_range = (int(start.timestamp()) * NS, int(end.timestamp()) * NS) if options.force else None
+    forced = _apply_force(states, force_range)
+    new: dict[str, list[Item]] = {name: [] for name in db.symbols}
+    items: list[Item] = []  # months outermost, so every symbol advances together
+    skipped = 0
+    for c in chunks:
+        parts = states[c.symbol].ledger.missing(c.start_ns, c.end_ns)
+        skipped += not parts
+        for a, b in parts:
+            key = span_key(a, b)
+            path = archive.path(root, db.dataset, c.symbol, c.month, key)
+            item = Item(path, {c.symbol: ((a, b),)}, str(path.relative_to(raw)), True,
+                        f"{key} {c.symbol}", fetch=True)
+            new[c.symbol].append(item)
+            items.append(item)
+    plan = Plan(settings, db.dataset, db.stype_in, tuple(db.symbols), tuple(items),
+                int(end.timestamp()) * NS, len(chunks), skipped, force_range, planned_at, options.env_file)
+    need = [i for i in items if _stale(i, plan)]
+    rebuild = _rebuilds(states, new, forced)
+    print(
+        f"plan: {len(chunks)} chunk(s) ({len(db.symbols)} symbol(s) x months), "
+        f"{skipped} already in the store, {len(items) - len(need)} from the "
+        f"raw archive, {len(need)} to download"
+        + (f"; {len(rebuild)} file(s) to rebuild with earlier history: {', '.join(rebuild)}" if rebuild else ""),
+        file=out,
+    )
+    client = None
+    if need:
+        client = historical_client(settings, options.env_file)
+        # Resolve over the whole range first (free): a symbol unknown for the entire range
+        # is the user's mistake; one that merely did not trade in some month is not.
+        _, not_found = client.resolve_symbols(
+            db.dataset, sorted({next(iter(i.spans)) for i in need}), db.stype_in, start, end
         )
-        client = None
-        if need:
-            from .sources.historical import HistoricalSource
-
-            key = load_api_key(options.env_file)
-            client = HistoricalSource(key, gateway=db.historical_gateway or None)
-            # Resolve over the whole range first (free): a symbol unknown for the entire range
-            # is the user's mistake; one that merely did not trade in some month is not.
-            _, not_found = client.resolve_symbols(
-                db.dataset, sorted({next(iter(i.spans)) for i in need}), db.stype_in, start, end
+        if not_found:
+            raise UnknownSymbolError(
+                f"{db.dataset} ({db.stype_in}) has no symbol {', '.join(sorted(not_found))} "
+                f"between {start:%Y-%m-%d} and {end:%Y-%m-%d}; check --symbols, --stype-in "
+                "and --dataset",
+                tuple(not_found),
             )
-            if not_found:
-                raise UnknownSymbolError(
-                    f"{db.dataset} ({db.stype_in}) has no symbol {', '.join(sorted(not_found))} "
-                    f"between {start:%Y-%m-%d} and {end:%Y-%m-%d}; check --symbols, --stype-in "
-                    "and --dataset",
-                    tuple(not_found),
-                )
-            cost = _cost(client, db, items, need)
-            print(f"cost of the download: ${cost:,.2f} (limit ${db.max_cost:,.2f})", file=out)
-            if options.dry_run:
-                return None
-            if cost > db.max_cost and not options.yes:
-                raise CostLimitError(
-                    f"the download would cost ${cost:,.2f}, above databento.max_cost "
-                    f"${db.max_cost:,.2f}; rerun with --yes to accept or --max-cost to raise it"
-                )
-        elif options.dry_run:
-            print("nothing to download: no cost", file=out)
+        cost = _cost(client, db, items, need)
+        print(f"cost of the download: ${cost:,.2f} (limit ${db.max_cost:,.2f})", file=out)
+        if options.dry_run:
             return None
-        fetch = {id(i) for i in need}
-        appended = [n for n in db.symbols if new[n] and n not in rebuild]
-        run = Runner(settings, db.dataset, db.stype_in, writers, states, client, result)
+        if cost > db.max_cost and not options.yes:
+            raise CostLimitError(
+                f"the download would cost ${cost:,.2f}, above databento.max_cost "
+                f"${db.max_cost:,.2f}; rerun with --yes to accept or --max-cost to raise it"
+            )
+    elif options.dry_run:
+        print("nothing to download: no cost", file=out)
+        return None
+    return plan, client
+
+
+def historical_client(settings: Settings, env_file: str | None) -> Any:
+    """A Historical client with the API key from the environment or ``env_file``."""
+    from .sources.historical import HistoricalSource
+
+    key = load_api_key(env_file)
+    return HistoricalSource(key, gateway=settings.databento.historical_gateway or None)
+
+
+def _apply_force(states: dict[str, FileState], force_range: tuple[int, int] | None) -> set[str]:
+    """--force: forget the spans inside the range, so they are downloaded and aggregated
+    afresh; returns the symbols whose ledger lost spans (those files are rebuilt)."""
+    forced: set[str] = set()
+    if force_range is None:
+        return forced
+    lo, hi = force_range
+    for name, fs in states.items():
+        keep = [s for s in fs.ledger.spans if not (lo <= s.start and s.end <= hi)]
+        if len(keep) != len(fs.ledger.spans):
+            fs.ledger.spans = keep
+            forced.add(name)
+    return forced
+
+
+def _rebuilds(states: dict[str, FileState], new: dict[str, list[Item]], forced: set[str]) -> list[str]:
+    """Symbols whose new spans reach before what their file holds (or --force): rebuilt."""
+    out = []
+    for name, its in new.items():
+        spans = [a for i in its for a, _ in i.spans.get(name, ())]
+        if spans and (name in forced or min(spans) < states[name].ledger.frontier()):
+            out.append(name)
+    return out + sorted(n for n in forced if n not in out and n in new)
+
+
+def execute(plan: Plan, *, client: Any = None, hooks: RunHooks | None = None) -> BackfillResult:
+    """Carry out ``plan`` (all its symbols, or the one a cluster task was given).
+
+    Each file's ledger is read again first: a task retried after its worker died finds what
+    the earlier attempt finished and does only the rest, so the store ends as one run would
+    leave it. ``client``: the Historical client planning used; without one, a client is
+    made (API key from this process's environment or ``plan.env_file``) only if something
+    must be downloaded."""
+    settings = plan.settings
+    result = BackfillResult(chunks_total=plan.chunks_total, chunks_skipped=plan.chunks_skipped)
+    writers = make_writers(settings, plan.dataset, plan.stype)
+    try:
+        states = read_file_states(settings, writers, plan.dataset, plan.symbols)
+        _check_fits(states, writers, settings)
+        forced = _apply_force(states, plan.force_range)
+        new: dict[str, list[Item]] = {n: [] for n in plan.symbols}
+        items: list[Item] = []
+        for item in plan.items:
+            spans = {n: tuple(p for a, b in s for p in states[n].ledger.missing(a, b))
+                     for n, s in item.spans.items() if n in states}
+            spans = {n: s for n, s in spans.items() if s}
+            if not spans:
+                continue  # done by an earlier attempt
+            item = replace(item, spans=spans)
+            items.append(item)
+            for n in spans:
+                new[n].append(item)
+        rebuild = _rebuilds(states, new, forced)
+
+        def make_client() -> Any:
+            return client if client is not None else historical_client(settings, plan.env_file)
+
+        run = Runner(settings, plan.dataset, plan.stype, writers, states, make_client, result, plan, hooks)
+        appended = {n for n in plan.symbols if new[n] and n not in rebuild}
         if appended:
-            run.append([i for i in items if next(iter(i.spans)) in appended], fetch,
-                       flush_end=int(end.timestamp()) * NS)
+            run.append([replace(i, spans={n: s for n, s in i.spans.items() if n in appended})
+                        for i in items if appended & set(i.spans)], plan.flush_end)
         for name in rebuild:
-            ledger = Ledger(schema=states[name].ledger.schema, trade_clock=states[name].ledger.trade_clock,
-                            spans=list(states[name].ledger.spans), live=states[name].ledger.live)
-            for i in new[name]:
-                ledger.add(Span(i.start, i.end, i.source, True))
-            run.rebuild(name, ledger, fetch_items={i.source: i for i in new[name] if id(i) in fetch})
+            old = states[name].ledger
+            ledger = Ledger(spans=list(old.spans), schema=old.schema, trade_clock=old.trade_clock, live=old.live)
+            mine = [replace(i, spans={name: i.spans[name]}) for i in new[name]]
+            for i in mine:
+                for a, b in i.spans[name]:
+                    ledger.add(Span(a, b, i.source, i.end_known))
+            run.rebuild(name, ledger, fetch_items={i.source: i for i in mine if i.fetch})
     finally:
         writers.close_all()
     return result
+
+
+def backfill_historical(
+    settings: Settings, options: BackfillOptions, out: TextIO = sys.stdout
+) -> BackfillResult | None:
+    """Plan, price and run a Historical backfill in this process (None: a dry run)."""
+    planned = plan_historical(settings, options, out)
+    if planned is None:
+        return None
+    plan, client = planned
+    return execute(plan, client=client)
 
 
 def _cost(client: Any, db: Any, items: list[Item], need: list[Item]) -> float:
@@ -412,12 +539,23 @@ class Runner:
     archive into a new file that then replaces the old one."""
 
     def __init__(self, settings: Settings, dataset: str, stype: str, writers: StoreWriterSet,
-                 states: dict[str, FileState], client: Any, result: BackfillResult):
+                 states: dict[str, FileState], make_client: Callable[[], Any] | None,
+                 result: BackfillResult, plan: Plan, hooks: RunHooks | None = None):
         self.settings, self.dataset, self.stype = settings, dataset, stype
-        self.writers, self.states, self.client, self.result = writers, states, client, result
+        self.writers, self.states, self.result, self.plan = writers, states, result, plan
+        self.make_client, self._client = make_client, None
+        self.hooks = hooks or RunHooks()
+        self.units_done = 0
         self.schema = settings.databento.schema
         self.clock = settings.bars.trade_clock
         self.t0 = time.monotonic()
+
+    def client(self) -> Any:
+        """The Historical client, made at the first download (a run from the archive alone
+        needs no API key)."""
+        if self._client is None and self.make_client is not None:
+            self._client = self.make_client()
+        return self._client
 
     def _ledger_note(self, file: str, symbol: str, ledger: Ledger) -> dict[str, Any]:
         ledger.schema = self.schema
@@ -436,7 +574,7 @@ class Runner:
         notes = {f: self._ledger_note(f, s, ledgers[s]) for s in symbols for f in self._files(s, registry)}
         return Checkpoint(tuple(notes), notes)
 
-    def append(self, items: list[Item], fetch: set[int], flush_end: int | None) -> None:
+    def append(self, items: list[Item], flush_end: int | None) -> None:
         """Aggregate ``items`` onto the files as they stand (the saved engine state goes on)."""
         names = list(dict.fromkeys(n for i in items for n in i.spans))
         registry = SeriesRegistry(names)
@@ -446,16 +584,15 @@ class Runner:
                 if blob:
                     engine.set_series_state(registry.index(file), decode_state(blob))
         ledgers = {n: self.states[n].ledger for n in names}
-        self._run(items, fetch, engine, self.writers, registry, ledgers, flush_end,
+        self._run(items, engine, self.writers, registry, ledgers, flush_end,
                   ResumeFilter(engine, len(registry)))
 
     def rebuild(self, name: str, ledger: Ledger, fetch_items: dict[str, Item]) -> None:
         """Aggregate every span of ``ledger`` from the archive (downloading the new ones) in
         time order into a new file, then swap it in: one in-order run over the union."""
         items = _rebuild_items_or_fetch(self.settings, self.dataset, name, ledger, fetch_items)
-        tmp_root = Path(self.settings.store.path) / self.dataset / f".rebuild-{os.getpid()}"
         _remove_dead_rebuilds(Path(self.settings.store.path) / self.dataset)
-        shutil.rmtree(tmp_root, ignore_errors=True)
+        tmp_root = _rebuild_dir(Path(self.settings.store.path) / self.dataset)
         registry = SeriesRegistry([name])
         engine = make_engine(self.settings, registry)
         built = Ledger(live=ledger.live)
@@ -464,8 +601,7 @@ class Runner:
         log.info("rebuilding with earlier history", symbol=name, spans=len(items))
         try:
             try:
-                self._run(items, {id(i) for i in items if i.fetch}, engine, tmp_writers, registry,
-                          {name: built}, ledger.known_end(), None)
+                self._run(items, engine, tmp_writers, registry, {name: built}, ledger.known_end(), None)
                 files = self._files(name, registry)
                 for file in files:
                     tmp_writers.writer(file)  # a file with no bars at all is still rebuilt
@@ -477,13 +613,14 @@ class Runner:
             shutil.rmtree(tmp_root, ignore_errors=True)
         self.states[name].ledger = built
 
-    def _run(self, items: list[Item], fetch: set[int], engine: Aggregator, writers: StoreWriterSet,
+    def _run(self, items: list[Item], engine: Aggregator, writers: StoreWriterSet,
              registry: SeriesRegistry, ledgers: dict[str, Ledger], flush_end: int | None,
              resume: ResumeFilter | None) -> None:
         db, result = self.settings.databento, self.result
         progress = Progress(units_total=len(items))
         terminal = TerminalProgress(progress)
-        client = self.client
+        terminal.enabled = terminal.enabled and self.hooks.terminal
+        hooks = self.hooks
 
         # The download task runs beside the pipeline (in _run_with_signals' task group), not
         # in a task group inside the source generator: a generator suspended at a yield inside
@@ -495,12 +632,13 @@ class Runner:
             async with ready_send:
                 for item in items:
                     path = item.path
-                    if id(item) in fetch and client is not None:
+                    if _stale(item, self.plan):
                         (symbol, ((a, b),)), = item.spans.items()
                         log.info("downloading", symbol=symbol, span=item.label)
                         try:
+                            client = await anyio.to_thread.run_sync(self.client)
                             await anyio.to_thread.run_sync(
-                                lambda s=symbol, a=a, b=b, p=path: client.download_month(
+                                lambda s=symbol, a=a, b=b, p=path, c=client: c.download_month(
                                     db.dataset, s, db.schema, db.stype_in, a, b, p
                                 )
                             )
@@ -526,7 +664,10 @@ class Runner:
                                 ledgers[name].add(Span(a, b, item.source if path else EMPTY, item.end_known))
                     yield self._checkpoint(list(item.spans), registry, ledgers)
                     progress.units_done += 1
+                    self.units_done += 1
                     log.info("month done", month=item.label, **progress.fields())
+                    if hooks.on_progress is not None:
+                        hooks.on_progress(item.label, result, self.units_done)
                     _give_back_free_memory()
             if flush_end is not None:
                 yield FlushUntil(flush_end)
@@ -537,6 +678,7 @@ class Runner:
             _run_with_signals(
                 run_pipeline(source(), engine, writers, registry, stats=result.stats, queue_size=BACKFILL_QUEUE),
                 download,
+                should_stop=hooks.should_stop,
             )
         finally:
             terminal.close()
@@ -575,11 +717,25 @@ def _rebuild_items_or_fetch(settings: Settings, dataset: str, name: str, ledger:
     return sorted(items, key=lambda i: i.start)
 
 
+def _rebuild_dir(directory: Path) -> Path:
+    """A fresh folder for one rebuild, named by host and pid (several workers, on several
+    machines, may rebuild different symbols of one store at once; none may take another's)."""
+    d = directory / f".rebuild-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    d.mkdir(parents=True)
+    return d
+
+
+#: This machine in rebuild folder names (no '-': the name splits on it).
+_HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:10]
+
+
 def _remove_dead_rebuilds(directory: Path) -> None:
-    """Rebuild folders of processes that died mid-way (the real file was never touched)."""
+    """Rebuild folders of processes that died mid-way (the real file was never touched).
+    Only this machine's: a pid says nothing about a process on another host."""
     for d in directory.glob(".rebuild-*"):
-        pid = d.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not archive._pid_alive(int(pid)):
+        parts = d.name.split("-")  # .rebuild, host, pid, token (or .rebuild, pid: before hosts)
+        host, pid = (parts[1], parts[2]) if len(parts) == 4 else (_HOST, parts[-1])
+        if host == _HOST and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             shutil.rmtree(d, ignore_errors=True)
 
 
@@ -713,7 +869,15 @@ def expand_dbn_paths(paths: Sequence[Path]) -> list[Path]:
 def ingest_dbn_files(
     settings: Settings, paths: list[Path], out: TextIO = sys.stdout, end: str | None = None
 ) -> BackfillResult:
-    """`--from-dbn`: DBN files the user already has; no API key, same pipeline.
+    """`--from-dbn` in this process: plan, then run."""
+    return execute(plan_dbn_files(settings, paths, out=out, end=end))
+
+
+def plan_dbn_files(
+    settings: Settings, paths: list[Path], out: TextIO = sys.stdout, end: str | None = None
+) -> Plan:
+    """`--from-dbn`: DBN files the user already has; no API key, same pipeline. Each file is
+    copied into the raw archive here, so workers need to see only the store.
 
     Each file covers ``[Metadata start, end)`` where the end is the Metadata end of a
     compressed file (a zstd frame cut short is detected), else -- a live capture, or a plain
@@ -751,54 +915,66 @@ def ingest_dbn_files(
     spans.sort(key=lambda s: s[1])
     names = list(dict.fromkeys(n for info in infos for n in info.symbols))
     writers = make_writers(settings, dataset, stype)
-    result = BackfillResult(chunks_total=len(paths))
     raw = _raw_root(settings, dataset)
     try:
         states = read_file_states(settings, writers, dataset, names)
         _check_fits(states, writers, settings)
-        print(f"ingesting {len(paths)} DBN file(s): {dataset} {schema}", file=out)
-        items: list[Item] = []
-        for info, a, b, known in spans:
-            parts = {n: tuple(states[n].ledger.missing(a, b)) for n in info.symbols}
-            parts = {n: p for n, p in parts.items() if p}
-            if not parts:
-                log.info("already in the store", path=str(info.path))
-                result.chunks_skipped += 1
-                continue
-            source = _keep_input(raw, info.path)
-            items.append(Item(raw / source, parts, source, known, info.path.name, by_symbol=False))
-        rebuild = sorted({n for i in items for n, p in i.spans.items()
-                          if p[0][0] < states[n].ledger.frontier()})
-        if rebuild:
-            print(f"{len(rebuild)} file(s) to rebuild with earlier history: {', '.join(rebuild)}", file=out)
-        run = Runner(settings, dataset, stype, writers, states, None, result)
-        appended = [i for i in items if set(i.spans) - set(rebuild)]
-        if appended:
-            trimmed = [replace(i, spans={n: p for n, p in i.spans.items() if n not in rebuild}) for i in appended]
-            last = max(trimmed, key=lambda i: i.end)
-            run.append(trimmed, set(), last.end if last.end_known else None)
-        for name in rebuild:
-            ledger = states[name].ledger
-            ledger = Ledger(spans=list(ledger.spans), schema=ledger.schema, trade_clock=ledger.trade_clock,
-                            live=ledger.live)
-            for i in items:
-                for a, b in i.spans.get(name, ()):
-                    ledger.add(Span(a, b, i.source, i.end_known))
-            run.rebuild(name, ledger, {})
     finally:
         writers.close_all()
-    return result
+    print(f"ingesting {len(paths)} DBN file(s): {dataset} {schema}", file=out)
+    items: list[Item] = []
+    skipped = 0
+    for info, a, b, known in spans:
+        parts = {n: tuple(states[n].ledger.missing(a, b)) for n in info.symbols}
+        parts = {n: p for n, p in parts.items() if p}
+        if not parts:
+            log.info("already in the store", path=str(info.path))
+            skipped += 1
+            continue
+        source = _keep_input(raw, info.path)  # workers read it from the archive, not from here
+        items.append(Item(raw / source, parts, source, known, info.path.name, by_symbol=False))
+    new = {n: [i for i in items if n in i.spans] for n in names}
+    rebuild = _rebuilds(states, new, set())
+    if rebuild:
+        print(f"{len(rebuild)} file(s) to rebuild with earlier history: {', '.join(rebuild)}", file=out)
+    # Appended files are flushed to where the last of their inputs is known to end.
+    trimmed = [i for i in (replace(i, spans={n: p for n, p in i.spans.items() if n not in rebuild})
+                           for i in items) if i.spans]
+    last = max(trimmed, key=lambda i: i.end) if trimmed else None
+    flush_end = last.end if last is not None and last.end_known else None
+    return Plan(settings, dataset, stype, tuple(names), tuple(items), flush_end, len(paths), skipped)
 
 
-def _run_with_signals(coro: Any, *background: Callable[[], Awaitable[None]]) -> None:
-    """Run the pipeline (and ``background`` tasks beside it); SIGTERM and SIGINT stop it the same way: cancel, keep what was
-    flushed, then raise :class:`~streambars.errors.Interrupted` (the CLI exits 130).
+class StopRequested(Exception):
+    """A run's ``should_stop`` said stop (a cluster's Ctrl-C): what was flushed is kept."""
+
+
+@dataclass
+class RunHooks:
+    """How a caller watches and stops a run (a cluster task: progress events, a stop flag)."""
+
+    #: after each item: (its label, the result so far, items done so far)
+    on_progress: Callable[[str, BackfillResult, int], None] | None = None
+    #: polled about twice a second; True stops the run like SIGTERM does
+    should_stop: Callable[[], bool] | None = None
+    #: draw the progress line on a terminal (a worker leaves that to the submitter)
+    terminal: bool = True
+
+
+def _run_with_signals(coro: Any, *background: Callable[[], Awaitable[None]],
+                      should_stop: Callable[[], bool] | None = None) -> None:
+    """Run the pipeline (and ``background`` tasks beside it); SIGTERM and SIGINT stop it the
+    same way: cancel, keep what was flushed, then raise :class:`~streambars.errors.Interrupted`
+    (the CLI exits 130).
 
     Plain ``signal.signal`` handlers (not anyio's receiver) for the whole run, restored
     after: asyncio's ``remove_signal_handler`` resets SIGTERM to SIG_DFL, so a signal landing
     while the loop shuts down would kill the process; and a KeyboardInterrupt raised inside
-    the event loop comes out as an anyio RuntimeError with a long traceback."""
+    the event loop comes out as an anyio RuntimeError with a long traceback. Off the main
+    thread (a Dask worker's task) signals belong to the worker; ``should_stop`` is the way to
+    stop there (raises :class:`StopRequested`)."""
     stopped: list[str] = []
+    requested: list[bool] = []
     cancel: list[Any] = []
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -818,13 +994,25 @@ def _run_with_signals(coro: Any, *background: Callable[[], Awaitable[None]]) -> 
             cancel.append(lambda: loop.call_soon_threadsafe(tg.cancel_scope.cancel))
             if stopped:
                 tg.cancel_scope.cancel()
+
+            async def poll() -> None:
+                assert should_stop is not None
+                while not await anyio.to_thread.run_sync(should_stop):
+                    await anyio.sleep(0.5)
+                log.warning("stop requested: stopping; the month in progress is redone next time")
+                requested.append(True)
+                tg.cancel_scope.cancel()
+
             for task in background:
                 tg.start_soon(task)
+            if should_stop is not None:
+                tg.start_soon(poll)
             await coro
             tg.cancel_scope.cancel()  # the pipeline is done: nothing in the background matters
         cancel.clear()
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signals = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+    previous = {sig: signal.signal(sig, on_signal) for sig in signals}
     try:
         anyio.run(main)
     finally:
@@ -833,6 +1021,8 @@ def _run_with_signals(coro: Any, *background: Callable[[], Awaitable[None]]) -> 
             signal.signal(sig, handler)
     if stopped:
         raise Interrupted(stopped[0])
+    if requested:
+        raise StopRequested()
 
 
 def _collect(engine: Aggregator, result: BackfillResult) -> None:

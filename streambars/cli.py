@@ -13,7 +13,7 @@ import gc
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from .startup import (
@@ -25,6 +25,7 @@ from .startup import (
 from .tables import format_table
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .backfill import BackfillOptions
     from .config import Settings
 
 Handler = Callable[[argparse.Namespace, "Settings"], int]
@@ -117,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="re-download months already archived")
     p.add_argument("--from-dbn", nargs="+", metavar="PATH", help="ingest DBN files instead (no API key); a directory means the "
                    "*.dbn / *.dbn.zst files directly in it")
+    g = p.add_argument_group("scale-out (pip install 'streambars[cluster]'; see docs/cluster.md)")
+    x = g.add_mutually_exclusive_group()
+    x.add_argument("--scheduler", metavar="ADDRESS", help="run the symbols on an existing Dask cluster, "
+                   "e.g. tcp://10.0.0.5:8786 (config cluster.scheduler); the store must be on a "
+                   "filesystem every worker mounts at the same path")
+    x.add_argument("--workers", type=int, metavar="N", help="run the symbols on a local cluster of N "
+                   "single-threaded worker processes (config cluster.workers)")
     p.set_defaults(handler=_cmd_backfill)
 
     p = sub.add_parser("run", help="the live daemon (Databento Live -> store)",
@@ -175,6 +183,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="*", help="files to compact (default: every file in the store)")
     p.add_argument("--compression", choices=("gzip", "lzf"), default="gzip")
     p.set_defaults(handler=_cmd_compact)
+
+    p = sub.add_parser("repair", help="rebuild a damaged store file from the raw archive",
+                       description="Rebuild one store file from the raw archive (every input it was "
+                       "built from is kept there). The damaged file is kept beside it as "
+                       "<name>.h5.damaged-<UTC>. Its timeframes, session and ledger are read from the "
+                       "damaged file when they can be, else from the configuration and the archive.")
+    _common(p)
+    _source_flags(p)
+    p.add_argument("file", help="the store file, <store>/<dataset>/<symbol>.h5")
+    p.set_defaults(handler=_cmd_repair)
     return parser
 
 
@@ -189,6 +207,11 @@ def _settings(args: argparse.Namespace) -> Settings:
     for text in args.overrides:
         key, value = parse_override(text)
         overrides[key] = value
+    # One flag picks where backfill runs, whatever the config file said about the other.
+    if getattr(args, "scheduler", None) is not None:
+        overrides.update({"cluster.scheduler": args.scheduler, "cluster.workers": 0})
+    if getattr(args, "workers", None) is not None:
+        overrides.update({"cluster.workers": args.workers, "cluster.scheduler": ""})
     return load_settings(args.config, overrides)
 
 
@@ -199,7 +222,7 @@ def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
-    from .backfill import BackfillOptions, run_backfill
+    from .backfill import BackfillOptions
 
     options = BackfillOptions(
         start=args.start,
@@ -211,6 +234,29 @@ def _cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
         env_file=args.env_file,
     )
     return run_backfill(settings, options, out=sys.stdout)
+
+
+def run_backfill(settings: Settings, options: BackfillOptions, out: TextIO = sys.stdout) -> int:
+    """The command: plan, check cost, run (here or on a Dask cluster), print the summary.
+    Returns the exit code. (Here, above both backfill and cluster: neither imports the other.)"""
+    from .backfill import execute, plan_backfill, print_summary
+
+    cluster = settings.cluster.scheduler or settings.cluster.workers
+    if cluster:
+        from .cluster import require_distributed
+
+        require_distributed()  # before planning: no cost query for a run that cannot start
+    planned = plan_backfill(settings, options, out)
+    if planned is None:  # dry run
+        return 0
+    plan, client = planned
+    if cluster:
+        from .cluster import run_on_cluster
+
+        return run_on_cluster(plan, out=out)
+    result = execute(plan, client=client)
+    print_summary(result, out)
+    return 0
 
 
 def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
@@ -274,6 +320,12 @@ def _cmd_compact(args: argparse.Namespace, settings: Settings) -> int:
     for path, before, after in compact_store(settings.store.path, args.paths, args.compression):
         print(f"{path}\t{before:,} -> {after:,} bytes")
     return EXIT_OK
+
+
+def _cmd_repair(args: argparse.Namespace, settings: Settings) -> int:
+    from .repair import repair_file
+
+    return repair_file(settings, args.file, out=sys.stdout)
 
 
 def console_main() -> None:

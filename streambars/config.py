@@ -103,6 +103,15 @@ class LogSettings:
 
 
 @dataclass(frozen=True)
+class ClusterSettings:
+    """Where `backfill` runs its symbols (docs/cluster.md); neither set: in this process."""
+
+    scheduler: str = ""  # an existing Dask scheduler, e.g. "tcp://10.0.0.5:8786"
+    workers: int = 0  # else: a local cluster of this many single-threaded worker processes
+    retries: int = 2  # a task that raised is run again this often (a dead worker's task too)
+
+
+@dataclass(frozen=True)
 class Settings:
     databento: DatabentoSettings = field(default_factory=DatabentoSettings)
     bars: BarSettings = field(default_factory=BarSettings)
@@ -110,6 +119,7 @@ class Settings:
     validation: ValidationSettings = field(default_factory=ValidationSettings)
     live: LiveSettings = field(default_factory=LiveSettings)
     logging: LogSettings = field(default_factory=LogSettings)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
     source_path: Path | None = None
 
 
@@ -120,6 +130,7 @@ _SECTIONS = {
     "validation": ValidationSettings,
     "live": LiveSettings,
     "logging": LogSettings,
+    "cluster": ClusterSettings,
 }
 
 
@@ -274,6 +285,22 @@ def _convert(key: str, value: Any) -> Any:  # noqa: C901 - one flat table of key
             return _choice(key, value, ("auto", "json", "console"))
         case "logging.file":
             return _expect(key, value, str, "a file path, or empty for stderr")
+        case "cluster.scheduler":
+            v = _expect(key, value, str, "a Dask scheduler address such as tcp://10.0.0.5:8786")
+            if v and not _scheduler_address(v):
+                raise ConfigError(key, value, "a Dask scheduler address such as tcp://10.0.0.5:8786 "
+                                  "(tcp:// or tls://, host and port), or empty")
+            return v
+        case "cluster.workers":
+            v = _positive(key, value, int, allow_zero=True)
+            if v > 1024:
+                raise ConfigError(key, value, "0 (no local cluster) to 1024 worker processes")
+            return v
+        case "cluster.retries":
+            v = _positive(key, value, int, allow_zero=True)
+            if v > 100:
+                raise ConfigError(key, value, "0 to 100")
+            return v
     raise ConfigError(key, value, "a known key")  # pragma: no cover - guarded by _build_section
 
 
@@ -340,8 +367,20 @@ def check_timeframes_fit(schema: str, timeframes: tuple[Timeframe, ...]) -> None
         )
 
 
+def _scheduler_address(text: str) -> bool:
+    """'tcp://host:port' or 'tls://host:port' (Dask's own form), or a bare 'host:port'."""
+    rest = text.split("://", 1)[1] if "://" in text else text
+    if "://" in text and text.split("://", 1)[0] not in ("tcp", "tls"):
+        return False
+    host, _, port = rest.rpartition(":")
+    return bool(host) and port.isdigit() and 0 < int(port) < 65536
+
+
 def _cross_check(s: Settings) -> None:
     check_timeframes_fit(s.databento.schema, s.bars.timeframes)
+    if s.cluster.scheduler and s.cluster.workers:
+        raise ConfigError("cluster.workers", s.cluster.workers,
+                          "0 when cluster.scheduler is set (an existing cluster, or a local one: not both)")
     if s.live.reconnect_max_s < s.live.reconnect_min_s:
         raise ConfigError(
             "live.reconnect_max_s", s.live.reconnect_max_s, "at least live.reconnect_min_s"

@@ -204,6 +204,10 @@ async def run_pipeline(
             except anyio.BrokenResourceError:
                 if not rule_failure:
                     raise  # the engine stage did not stop on purpose
+            finally:
+                # Close a source left mid-way here, in the task that iterated it: a task
+                # group inside it must exit in this task, not in a garbage collector's.
+                await _close(source)
 
     async def aggregate(
         recv: ObjectReceiveStream[PipelineItem], send: ObjectSendStream[BarBatch | Checkpoint]
@@ -262,6 +266,19 @@ async def run_pipeline(
     if rule_failure:
         raise rule_failure[0]
     return stats
+
+
+async def _close(source: AsyncIterator[PipelineItem]) -> None:
+    """``aclose()`` a source generator. One suspended inside an anyio task group answers the
+    GeneratorExit with a group of it: that is a clean close too."""
+    aclose = getattr(source, "aclose", None)
+    if aclose is None:
+        return
+    try:
+        await aclose()
+    except BaseExceptionGroup as eg:
+        if eg.split(GeneratorExit)[1] is not None:
+            raise
 
 
 @contextlib.asynccontextmanager

@@ -27,33 +27,43 @@ def test_example_config_loads_and_covers_every_key():
         assert not missing, f"config/streambars.toml lacks [{section}] {sorted(missing)}"
 
 
-def _unit() -> configparser.ConfigParser:
+UNITS = ["streambars.service", "streambars@.service"]  # one daemon; one per shard (docs/cluster.md)
+
+
+def _unit(name: str) -> configparser.ConfigParser:
     parser = configparser.ConfigParser(strict=False, interpolation=None, delimiters=("=",))
     parser.optionxform = str  # keys are case-sensitive
-    parser.read(CONFIG / "streambars.service")
+    parser.read(CONFIG / name)
     return parser
 
 
-def test_service_unit_has_what_the_daemon_relies_on():
-    svc = _unit()["Service"]
+@pytest.mark.parametrize("name", UNITS)
+def test_service_unit_has_what_the_daemon_relies_on(name):
+    svc = _unit(name)["Service"]
     assert svc["Type"] == "notify"
     assert int(svc["WatchdogSec"]) > 0
     assert svc["Restart"] == "on-failure"
-    assert svc["EnvironmentFile"].startswith("/")
+    assert svc["EnvironmentFile"].lstrip("-").startswith("/")  # "-": optional (a shard's own key)
     # Environment= appears twice (configparser keeps the last): check the text.
-    assert "Environment=NUMBA_CACHE_DIR=%C/streambars/" in (CONFIG / "streambars.service").read_text()
+    assert "Environment=NUMBA_CACHE_DIR=%C/streambars/" in (CONFIG / name).read_text()
     assert svc["CacheDirectory"] and svc["StateDirectory"]
     assert svc["ProtectSystem"] == "strict" and svc["NoNewPrivileges"] == "yes"
     assert svc["ReadWritePaths"]
     assert int(svc["TimeoutStopSec"]) >= 10
     assert "2" in svc["RestartPreventExitStatus"].split()  # bad config / refused key: no retry
     assert svc["MemoryDenyWriteExecute"] == "no"  # numba JIT needs W+X pages
+    if "@" in name:  # each instance its own config (and its own state directory for a store)
+        assert "--config /etc/streambars/%i.toml" in svc["ExecStart"]
+        assert "streambars/%i" in svc["StateDirectory"].split()
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
-def test_service_unit_passes_systemd_analyze(tmp_path):
+@pytest.mark.parametrize("name", UNITS)
+def test_service_unit_passes_systemd_analyze(tmp_path, name):
+    unit = tmp_path / name.replace("@.", "@shard-a.")  # a template is verified as an instance
+    unit.write_text((CONFIG / name).read_text())
     res = subprocess.run(
-        ["systemd-analyze", "verify", str(CONFIG / "streambars.service")],
+        ["systemd-analyze", "verify", str(unit)],
         capture_output=True, text=True, cwd=tmp_path, timeout=60,
     )
     # The ExecStart binary does not exist on a build machine; anything else is a real error.

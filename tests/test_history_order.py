@@ -460,3 +460,25 @@ def test_several_publishers_make_one_bar(testdata, tmp_path):
             assert bar["open"] == same["open"][0] and bar["close"] == same["close"][-1]
             assert bar["high"] == same["high"].max() and bar["low"] == same["low"].min()
             assert bar["volume"] == same["volume"].sum() and bar["count"] == len(same)
+
+
+def test_only_this_machines_dead_rebuild_folders_are_cleared(tmp_path):
+    """Several machines rebuild files of one shared store: a pid names a process only on its
+    own host, so another host's rebuild folder is never taken for a dead one."""
+    import subprocess
+
+    from streambars.backfill import _HOST, _rebuild_dir, _remove_dead_rebuilds
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    dead = proc.pid
+    mine_dead = tmp_path / f".rebuild-{_HOST}-{dead}-aaaa"
+    old_dead = tmp_path / f".rebuild-{dead}"  # named before hosts were
+    other_host = tmp_path / f".rebuild-0123456789-{dead}-bbbb"
+    for d in (mine_dead, old_dead, other_host):
+        d.mkdir()
+    live = _rebuild_dir(tmp_path)  # this process's, alive
+    _remove_dead_rebuilds(tmp_path)
+    assert not mine_dead.exists() and not old_dead.exists()
+    assert other_host.exists() and live.exists()
+    assert _rebuild_dir(tmp_path) != live  # two rebuilds in one process never share a folder

@@ -24,7 +24,7 @@ LAYERS: list[set[str]] = [
     # flows built from the parts
     {"pipeline", "export", "validate", "synthetic"},
     # the commands' wings
-    {"backfill", "daemon", "demo"},
+    {"backfill", "cluster", "repair", "daemon", "demo"},
     # entry points
     {"cli", "__main__", ""},
 ]
