@@ -978,9 +978,8 @@ def _run_with_signals(coro: Any, *background: Callable[[], Awaitable[None]],
     cancel: list[Any] = []
 
     def on_signal(signum: int, frame: Any) -> None:
-        if not stopped:
-            log.warning("stopping; the month in progress is redone next time",
-                        signal=signal.Signals(signum).name)
+        # No logging here: the signal may land inside a write to stderr, and a second write
+        # from the handler on the same thread deadlocks on the stream's lock (seen).
         stopped.append(signal.Signals(signum).name)
         if cancel:
             cancel[0]()
@@ -1020,6 +1019,7 @@ def _run_with_signals(coro: Any, *background: Callable[[], Awaitable[None]],
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if stopped:
+        log.warning("stopping; the month in progress is redone next time", signal=stopped[0])
         raise Interrupted(stopped[0])
     if requested:
         raise StopRequested()
