@@ -363,7 +363,7 @@ class Plan:
                        chunks_total=0, chunks_skipped=0)  # the whole plan's counts, not a task's
 
 
-def _stale(item: Item, plan: Plan) -> bool:
+def _stale(item: Item, plan: Plan | None) -> bool:
     """Does ``item`` still need downloading? Missing from the archive, or --force and older
     than the plan (a task retried after a kill does not pay for it twice)."""
     if item.path is None or not item.fetch:
@@ -372,7 +372,7 @@ def _stale(item: Item, plan: Plan) -> bool:
         mtime = item.path.stat().st_mtime
     except FileNotFoundError:
         return True
-    return plan.force_range is not None and mtime < plan.planned_at
+    return plan is not None and plan.force_range is not None and mtime < plan.planned_at
 
 
 def plan_backfill(settings: Settings, options: BackfillOptions,
@@ -583,7 +583,7 @@ class Runner:
 
     def __init__(self, settings: Settings, dataset: str, stype: str, writers: StoreWriterSet,
                  states: dict[str, FileState], make_client: Callable[[], Any] | None,
-                 result: BackfillResult, plan: Plan, hooks: RunHooks | None = None):
+                 result: BackfillResult, plan: Plan | None = None, hooks: RunHooks | None = None):
         self.settings, self.dataset, self.stype = settings, dataset, stype
         self.writers, self.states, self.result, self.plan = writers, states, result, plan
         self.make_client, self._client = make_client, None
