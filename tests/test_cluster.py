@@ -279,9 +279,12 @@ def test_dask_scheduler_and_worker_command_lines(market, reference, tmp_path):
                                "--scheduler-file", str(sched_file)], env=env, stdout=logs[0], stderr=logs[0])]
     try:
         deadline = time.monotonic() + 60
-        while not sched_file.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        address = json.loads(sched_file.read_text())["address"]
+        address = ""
+        while not address and time.monotonic() < deadline:  # the file appears before it is written
+            try:
+                address = json.loads(sched_file.read_text())["address"]
+            except (OSError, ValueError, KeyError):
+                time.sleep(0.1)
         assert address.startswith("tcp://127.0.0.1:")
         procs.append(subprocess.Popen(
             [str(dask), "worker", address, "--host", "127.0.0.1", "--nworkers", "2", "--nthreads", "1",
