@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,10 +33,12 @@ from .engine import Aggregator
 from .engine.kernel import S_LAST
 from .errors import AuthenticationError, RuleViolationError, StreambarsError
 from .observe import Progress, get_logger
-from .records import BarBatch, RecordBatch, SeriesRegistry
+from .records import TAGGED_BAR_DTYPE, BarBatch, RecordBatch, SeriesRegistry
 from .store import StoreWriterSet
 
 log = get_logger("streambars.pipeline")
+
+_NO_BARS = np.empty(0, TAGGED_BAR_DTYPE)
 
 ENGINE_STATE = "engine_state"
 PROGRESS = "progress"
@@ -82,8 +84,9 @@ def make_engine(settings: Settings, registry: SeriesRegistry | None = None) -> A
     )
 
 
-def make_writers(settings: Settings, dataset: str, stype: str) -> StoreWriterSet:
-    """Writers for one dataset's files, with the settings' timeframes and session."""
+def make_writers(settings: Settings, dataset: str, stype: str, coalesce_rows: int = 0) -> StoreWriterSet:
+    """Writers for one dataset's files, with the settings' timeframes and session;
+    ``coalesce_rows`` > 0 (backfill) holds bars back to write them in large slabs."""
     return StoreWriterSet(
         settings.store.path,
         dataset,
@@ -91,6 +94,7 @@ def make_writers(settings: Settings, dataset: str, stype: str) -> StoreWriterSet
         timeframes=settings.bars.timeframes,
         session=settings.bars.session,
         chunk_rows=settings.store.chunk_rows,
+        coalesce_rows=coalesce_rows,
     )
 
 
@@ -250,7 +254,9 @@ async def run_pipeline(
         async with recv:
             async for item in recv:
                 if isinstance(item, Checkpoint):
-                    await anyio.to_thread.run_sync(_save_checkpoint, writers, item)
+                    # with a coalescing writer set, the bars it holds back go first
+                    stats.bars_written += await anyio.to_thread.run_sync(
+                        _save_checkpoint, writers, item, registry.names)
                     if item.on_saved is not None:
                         item.on_saved()
                     continue
@@ -258,6 +264,9 @@ async def run_pipeline(
                 stats.bars_written += written
                 if on_written is not None:
                     on_written(item, written)
+            # the end of the stream (input done, or the engine stopped on a rule failure: the
+            # bars closed before it are final): nothing stays held back by coalescing
+            stats.bars_written += await anyio.to_thread.run_sync(writers.flush)
 
     async with unwrapped(), anyio.create_task_group() as tg:
         tg.start_soon(feed, to_engine_send)
@@ -310,7 +319,10 @@ def most_telling_error(eg: BaseExceptionGroup) -> BaseException:
     return flat[0]
 
 
-def _save_checkpoint(writers: StoreWriterSet, cp: Checkpoint) -> None:
+def _save_checkpoint(writers: StoreWriterSet, cp: Checkpoint, series_names: Sequence[str]) -> int:
+    """Store the checkpoint's engine states and progress notes, each in the same append as
+    its file's bars still held back by coalescing (rows -> marks -> state); returns rows written."""
+    meta_by_symbol: dict[str, dict[str, bytes]] = {}
     for name in cp.symbols:
         meta: dict[str, bytes] = {}
         if name in cp.states:
@@ -318,4 +330,7 @@ def _save_checkpoint(writers: StoreWriterSet, cp: Checkpoint) -> None:
         if name in cp.progress:
             meta[PROGRESS] = json.dumps(cp.progress[name], sort_keys=True).encode()
         if meta:
-            writers.writer(name).append({}, meta=meta)
+            meta_by_symbol[name] = meta
+    if not meta_by_symbol:
+        return writers.flush()
+    return writers.write(_NO_BARS, series_names, meta_by_symbol)

@@ -296,7 +296,9 @@ def _flush(until, close_all, first_series, st, out):
 # Explicit signatures: compiled (or loaded from the cache) once at import, and a batch of any
 # other dtype or layout is refused with TypeError (the wrapper converts it) instead of silently
 # compiling a new specialisation. No NRT: the kernels allocate nothing, and without reference
-# counting on every inlined helper call the loop runs several times faster.
+# counting on every inlined helper call the loop runs several times faster. nogil: the loop
+# releases the GIL, so the pipeline's engine thread runs beside decode (zstd releases it
+# too) and the writer on the other core instead of taking turns with them.
 _I4 = types.Array(types.int32, 1, "C")
 _I8 = types.Array(types.int64, 1, "C")
 _U8 = types.Array(types.uint64, 1, "C")
@@ -304,7 +306,7 @@ _OUT = numba.typeof(np.empty(1, TAGGED_BAR_DTYPE))
 AGGREGATE_SIG = types.UniTuple(types.int64, 4)(_I4, _I8, _I8, _I8, _I8, _I8, _U8, types.int64, _I8, _OUT)
 
 
-@numba.njit(AGGREGATE_SIG, cache=True, _nrt=False)
+@numba.njit(AGGREGATE_SIG, cache=True, nogil=True, _nrt=False)
 def aggregate(series, ts, op, hi, lo, cl, vol, start, st, out):
     """Fold records ``start..`` into the arena, emitting closed bars into ``out``.
 

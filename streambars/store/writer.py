@@ -25,7 +25,7 @@ from h5py import h5d, h5p, h5s
 from ..errors import StoreError
 from ..fsio import replace_file
 from ..observe import get_logger
-from ..records import BAR_DTYPE, BarBatch
+from ..records import BAR_DTYPE, TAGGED_BAR_DTYPE, BarBatch
 from ..timeframes import Session, Timeframe, parse_timeframe
 from ..version import __version__
 from .layout import (
@@ -440,6 +440,7 @@ class StoreWriterSet:
         *,
         chunk_rows: int = 4096,
         owner: str | None = None,
+        coalesce_rows: int = 0,
     ):
         self.root = Path(root)
         self.dataset, self.stype, self.session = dataset, stype, session
@@ -448,6 +449,13 @@ class StoreWriterSet:
         self.chunk_rows, self.owner = chunk_rows, owner
         self._writers: dict[str, BarFileWriter] = {}
         self._gather = np.empty(0, np.dtype((np.void, BAR_DTYPE.itemsize)))
+        #: Bulk mode (backfill): bars are held back until this many are pending, a write
+        #: carries meta (a checkpoint), or :meth:`flush` -- then every file gets one append,
+        #: one slab per timeframe. 0 (the daemon): every write is appended and flushed at once.
+        self.coalesce_rows = int(coalesce_rows)
+        self._pending = np.empty(0, np.uint8)  # the queue: TAGGED_BAR_DTYPE rows as bytes, reused
+        self._pending_rows = 0
+        self._pending_names: Sequence[str] = ()
 
     def writer(self, symbol: str) -> BarFileWriter:
         w = self._writers.get(symbol)
@@ -475,9 +483,38 @@ class StoreWriterSet:
         series_names: Sequence[str],
         meta_by_symbol: Mapping[str, Mapping[str, bytes]] | None = None,
     ) -> int:
-        """Append tagged bars (series, timeframe, bar...) to their files; returns rows written."""
+        """Append tagged bars (series, timeframe, bar...) to their files; returns rows written.
+
+        With ``coalesce_rows`` the bars may only be queued (0 returned; the caller must not
+        modify the array after): they are written, in order and before any meta, by a later
+        write that fills the queue or carries meta, or by :meth:`flush`. A meta blob is thus
+        never written ahead of the bars that came before it (rows -> marks -> state), and a
+        crash loses at most queued bars, which the saved engine state has not counted yet."""
         bars = bar_batch.bars if isinstance(bar_batch, BarBatch) else np.asarray(bar_batch)
         meta_by_symbol = meta_by_symbol or {}
+        if self.coalesce_rows > 0:
+            n = int(bars.shape[0])
+            if n and (bars.dtype != TAGGED_BAR_DTYPE or n > _GATHER_KEEP_ROWS):  # not queued
+                return self.flush() + self._write_now(bars, series_names, meta_by_symbol)
+            if n:
+                # copied into one reused buffer (a memcpy): the caller's array is free at once,
+                # and the queue never costs more than this buffer (no concatenation later)
+                row, have = TAGGED_BAR_DTYPE.itemsize, self._pending_rows
+                if self._pending.shape[0] < (have + n) * row:
+                    grown = np.empty(max(have + n, self.coalesce_rows + n) * row, np.uint8)
+                    grown[: have * row] = self._pending[: have * row]
+                    self._pending = grown
+                self._pending[have * row : (have + n) * row] = np.ascontiguousarray(bars).view(np.uint8)
+                self._pending_rows = have + n
+            self._pending_names = series_names
+            if not meta_by_symbol and self._pending_rows < self.coalesce_rows:
+                return 0
+            bars = self._take_pending()
+        return self._write_now(bars, series_names, meta_by_symbol)
+
+    def _write_now(
+        self, bars: np.ndarray, series_names: Sequence[str], meta_by_symbol: Mapping[str, Mapping[str, bytes]]
+    ) -> int:
         grouped: dict[str, dict[str, np.ndarray]] = {}
         if bars.shape[0]:
             ntf, nseries = len(self.timeframes), len(series_names)
@@ -499,6 +536,19 @@ class StoreWriterSet:
             counts = self.writer(symbol).append(grouped.get(symbol, {}), meta=meta_by_symbol.get(symbol))
             total += sum(counts.values())
         return total
+
+    def flush(self) -> int:
+        """Write every bar queued by coalescing; returns rows written (0 when none)."""
+        if not self._pending_rows:
+            return 0
+        names = self._pending_names
+        return self._write_now(self._take_pending(), names, {})
+
+    def _take_pending(self) -> np.ndarray:
+        """The queued bars (a view of the queue's buffer, valid until the next write); the
+        queue is emptied."""
+        n, self._pending_rows = self._pending_rows, 0
+        return self._pending[: n * TAGGED_BAR_DTYPE.itemsize].view(TAGGED_BAR_DTYPE)
 
     def _group_rows(self, bars: np.ndarray, key: np.ndarray, nkeys: int) -> list[tuple[int, np.ndarray]]:
         """Split ``bars`` by ``key`` (0 <= key < nkeys), keeping each group's rows in their
