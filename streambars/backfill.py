@@ -52,7 +52,7 @@ from .engine import Aggregator
 from .engine.kernel import S_LAST
 from .errors import CostLimitError, Interrupted, UsageError
 from .fsio import pid_alive
-from .ledger import EMPTY, LIVE, Ledger, Span, span_key
+from .ledger import EMPTY, LIVE, Ledger, Span, live_span, span_key
 from .observe import Progress, TerminalProgress, get_logger
 from .pipeline import (
     ENGINE_STATE,
@@ -238,14 +238,8 @@ def read_file_states(
         for _, blob in files.values():
             last = int(decode_state(blob)["series"][S_LAST]) if blob else -1
             ledger.engine_mark = max(ledger.engine_mark, last + 1)
-        live = dict(note.get("live") or {})
-        if "last_ts" in live:
-            head = archive.live_archive_head(root, dataset, symbol)
-            if head is not None and head <= int(live["last_ts"]):
-                # The daemon covered from its first record until the time it proved closed
-                # (the wall clock or END_OF_INTERVAL), or at least to its last record.
-                last, flushed = int(live["last_ts"]) + 1, int(live.get("flushed_until", 0))
-                ledger.live = Span(head, max(last, flushed), LIVE, flushed >= last)
+        if note.get("live"):
+            ledger.live = live_span(archive.live_archive_head(root, dataset, symbol), note["live"])
         states[symbol] = FileState(ledger, files)
     return states
 
@@ -719,9 +713,8 @@ _malloc_trim: Any = None
 def _rebuild_items_or_fetch(settings: Settings, dataset: str, name: str, ledger: Ledger,
                             fetch_items: dict[str, Item]) -> list[Item]:
     """The rebuild's items: archived spans as they are, spans still to download as fetches."""
-    fetched = {src: i for src, i in fetch_items.items()}
-    archived = Ledger(spans=[s for s in ledger.spans if s.source not in fetched], live=ledger.live)
-    items = _rebuild_items(settings, dataset, name, archived) + list(fetched.values())
+    archived = Ledger(spans=[s for s in ledger.spans if s.source not in fetch_items], live=ledger.live)
+    items = _rebuild_items(settings, dataset, name, archived) + list(fetch_items.values())
     return sorted(items, key=lambda i: i.start)
 
 
@@ -818,7 +811,7 @@ class SpanFilter:
 INPUTS_DIR = "_inputs"
 
 
-def _file_span(path: Path, schema: str, clock: str) -> tuple[int, int]:
+def file_span(path: Path, schema: str, clock: str) -> tuple[int, int]:
     """(records, one past the last record's time): reads the whole file, which also proves it
     whole (a corrupt or cut-off file is refused here, before anything is written)."""
     n, last = 0, -1
@@ -914,7 +907,7 @@ def plan_dbn_files(
     clock = settings.bars.trade_clock
     spans: list[tuple[dbnfile.DbnInfo, int, int, bool]] = []
     for info in infos:
-        _, proven = _file_span(info.path, schema, clock)
+        _, proven = file_span(info.path, schema, clock)
         known = info.compressed and info.end_ns is not None
         stop = info.end_ns if known else proven
         if declared_end is not None and declared_end >= stop:

@@ -164,6 +164,17 @@ class Ledger:
         return None
 
 
+def live_span(head: int | None, live_note: dict[str, Any] | None) -> Span | None:
+    """The daemon's span from its first archived record (``head``) and its ``live`` note: until
+    the time it proved closed (the wall clock or END_OF_INTERVAL), or at least one past its
+    last record (then with no known end)."""
+    live = live_note or {}
+    if head is None or "last_ts" not in live or head > int(live["last_ts"]):
+        return None
+    last, flushed = int(live["last_ts"]) + 1, int(live.get("flushed_until", 0))
+    return Span(head, max(last, flushed), LIVE, flushed >= last)
+
+
 def _merged(spans: Sequence[Span]) -> list[Span]:
     """Adjacent spans of one source and the same end-knowledge joined (a shorter ledger)."""
     out: list[Span] = []

@@ -20,14 +20,14 @@ import sys
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 from . import archive
 from .archive import live_archive_head, live_archive_tail
-from .backfill import INPUTS_DIR, BackfillResult, FileState, Runner, print_summary
+from .backfill import INPUTS_DIR, BackfillResult, FileState, Runner, file_span, print_summary
 from .config import Settings
 from .errors import UsageError
-from .ledger import LIVE, Ledger, Span, key_span, subtract
+from .ledger import LIVE, Ledger, Span, key_span, live_span, subtract
 from .observe import get_logger
 from .pipeline import make_writers
 from .sources import dbnfile
@@ -70,9 +70,10 @@ def plan_repair(settings: Settings, path: Path) -> RepairPlan:
         if found.session:
             bars = replace(bars, session=Session.parse(found.session))
     note = found.progress if found is not None else None
-    ledger = Ledger.from_note(note) if note and note.get("coverage") else from_archive(root, dataset, symbol)
-    if note and "live" in note:
-        _add_live(ledger, root, dataset, symbol, note["live"])
+    clock = settings.bars.trade_clock
+    ledger = Ledger.from_note(note) if note and note.get("coverage") else from_archive(root, dataset, symbol, clock)
+    if note and note.get("live"):
+        ledger.live = live_span(live_archive_head(root, dataset, symbol), note["live"])
     schema = ledger.schema or _archive_schema(root, dataset, symbol, ledger)
     if not ledger.sources():
         raise UsageError(f"repair {path}: the raw archive holds nothing for {symbol} in {dataset}; "
@@ -86,7 +87,7 @@ def plan_repair(settings: Settings, path: Path) -> RepairPlan:
     return RepairPlan(path, root, dataset, symbol, ledger, settings, stype, note is not None)
 
 
-def from_archive(root: Path, dataset: str, symbol: str) -> Ledger:
+def from_archive(root: Path, dataset: str, symbol: str, trade_clock: str = "ts_recv") -> Ledger:
     """A ledger put together from what the raw archive holds for ``symbol``."""
     raw = root / dataset / "raw"
     ledger = Ledger()
@@ -105,28 +106,14 @@ def from_archive(root: Path, dataset: str, symbol: str) -> Ledger:
         info = dbnfile.describe(p)
         if symbol not in info.symbols:
             continue
-        end = info.end_ns if info.end_ns is not None else _last_ts(p) + 1
+        # one past its last record on the clock that bins it (ts_recv for trades by default)
+        end = info.end_ns if info.end_ns is not None else file_span(p, str(info.schema), trade_clock)[1]
         for a, b in subtract(info.start_ns, end, ledger.covered()):
             ledger.add(Span(a, b, str(p.relative_to(raw)), info.end_ns is not None))
     head, tail = live_archive_head(root, dataset, symbol), live_archive_tail(root, dataset, symbol)
     if head is not None and tail is not None:
         ledger.live = Span(head, tail[0] + 1, LIVE, False)
     return ledger
-
-
-def _add_live(ledger: Ledger, root: Path, dataset: str, symbol: str, live: dict[str, Any]) -> None:
-    head = live_archive_head(root, dataset, symbol)
-    if head is not None and "last_ts" in live:
-        last, flushed = int(live["last_ts"]) + 1, int(live.get("flushed_until", 0))
-        ledger.live = Span(head, max(last, flushed), LIVE, flushed >= last)
-
-
-def _last_ts(p: Path) -> int:
-    last = -1
-    for _, arr in dbnfile.iter_records(p):
-        if len(arr):
-            last = max(last, int(arr["ts_event"].max()))
-    return last
 
 
 def _archive_schema(root: Path, dataset: str, symbol: str, ledger: Ledger) -> str | None:
