@@ -97,11 +97,14 @@ def test_an_overlapping_range_downloads_and_counts_only_what_is_new(market, tmp_
     store = tmp_path / "store"
     assert _hist(store, market, "2024-01-20", "2024-03-20") == 0
     capsys.readouterr()
-    cost_requests = [r for r in market.requests if "get_cost" in r[0]]
+    before = len(market.requests)
     assert _hist(store, market, START, "2024-02-10") == 0  # overlaps 2024-01-20..02-10
-    new_ranges = [r for r in market.requests if "get_range" in r[0]][-2:]
-    assert len([r for r in market.requests if "get_cost" in r[0]]) > len(cost_requests)
-    assert len(new_ranges) == 2  # only [01-10, 01-20) of each symbol was requested
+    made = market.requests[before:]
+    assert any("get_cost" in r[0] for r in made)
+    ranges = [r[1] for r in made if "get_range" in r[0]]
+    # only [01-10, 01-20) of each symbol was requested, nothing it already held
+    assert sorted(r["symbols"] for r in ranges) == ["ES.c.0", "NQ.c.0"]
+    assert {(int(r["start"]), int(r["end"])) for r in ranges} == {(_ns("2024-01-10"), _ns("2024-01-20"))}
     _assert_store_matches(store, market)
 
 
