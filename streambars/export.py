@@ -292,7 +292,7 @@ def _stdout_closed(rows: int) -> StoreError:
     with contextlib.suppress(OSError, ValueError):
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
-    return StoreError(f"stdout was closed by its reader after {rows} rows: export stopped")
+    return StoreError(f"stdout was closed by its reader (e.g. | head) after {rows} rows were written: export stopped")
 
 
 def _pyarrow() -> tuple[Any, Any]:

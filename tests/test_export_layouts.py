@@ -224,3 +224,12 @@ def test_inspect_json_and_filters(store, capsys):
     assert "ES.c.0" in table and "BRN" not in table
     assert cli_main(["inspect", "--store", str(store), "--symbol", "NQ*"]) == 2
     assert capsys.readouterr().err.startswith("streambars: nothing in ")
+
+
+def test_help_names_the_presets_and_formats_the_code_has(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["export", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name, template in export_mod.LAYOUTS.items():
+        assert f"{name} = {template}" in text
+    assert "{" + ",".join(export_mod.FORMATS) + "}" in text
