@@ -181,7 +181,9 @@ def plan_target(out: Path | str, fmt: str | None = None, layout: str | None = No
                              "(or pipe the CSV through gzip)")
         return Target("stdout", "csv", Path(STDOUT))
     root = Path(out)
-    if split == "monthly" and layout is None:
+    if split == "monthly" and layout is not None:
+        raise UsageError("--split monthly is the layout {SYMBOL}_{YYYY}_{MM}_{TF}: give it or --layout, not both")
+    if split == "monthly":
         layout = "{SYMBOL}_{YYYY}_{MM}_{TF}." + (fmt or "csv")
     if layout is not None:
         if root.exists() and not root.is_dir():
@@ -442,14 +444,12 @@ def select_series(reader: StoreReader, symbols: list[str], timeframes: list[str]
     """The (dataset, symbol, timeframe) to export, in order: ``all`` expands to every symbol
     (of ``dataset``) or every stored timeframe; a named symbol or timeframe must exist."""
     if "all" in symbols:
-        pairs = sorted({(d, s) for d, s in reader._names() if dataset in (None, d)}, key=lambda p: (p[1], p[0]))
+        pairs = sorted(reader.pairs(dataset), key=lambda p: (p[1], p[0]))
         if not pairs:
             raise StoreError(f"no symbols{' in dataset ' + dataset if dataset else ''} in {reader.path}")
     else:
-        pairs = []
-        for sym in symbols:
-            fh = reader._file(sym, dataset)  # names what exists when the symbol is absent or ambiguous
-            pairs.append((fh.dataset, sym))
+        # locate names what exists when a symbol is absent, damaged or in several datasets
+        pairs = [(reader.locate(sym, dataset), sym) for sym in symbols]
     names = []
     if "all" not in timeframes:
         for tf in timeframes:

@@ -160,6 +160,7 @@ def test_format_follows_suffix_and_gzip_round_trips(store, tmp_path):
     ({"out": "d", "symbol": list(SYMBOLS), "layout": "{TF}_{YYYY}.csv"}, "has no {SYMBOL}, so 2 symbols"),
     ({"out": "d", "layout": "{SYMBOL}_{MM}.csv"}, "{MM} needs {YYYY}"),
     ({"out": "d", "layout": "{SYM}.csv"}, "unknown placeholder {SYM}"),
+    ({"out": "d", "layout": "symbol-month", "split": "monthly"}, "not both"),
     ({"out": "d", "fmt": "xlsx"}, "--format 'xlsx' is not one of csv, csv.gz, parquet"),
     ({"out": "x.csv", "timeframe": "fortnight"}, "--timeframe: "),
     ({"out": "x.csv", "tz": "Nowhere/Land"}, "is not a time zone"),

@@ -413,6 +413,17 @@ class StoreReader:
     def datasets(self) -> list[str]:
         return sorted({d for d, _ in self._names()})
 
+    def pairs(self, dataset: str | None = None) -> list[tuple[str, str]]:
+        """(dataset, symbol) of every file (of ``dataset``), including files that cannot be
+        opened right now, sorted."""
+        self.refresh()
+        return sorted({(d, s) for d, s in self._names() if dataset in (None, d)})
+
+    def locate(self, symbol: str, dataset: str | None = None) -> str:
+        """The dataset holding ``symbol``; a StoreError naming what exists when it is absent,
+        damaged, or in several datasets (then pass ``dataset``)."""
+        return self._file(symbol, dataset).dataset
+
     def timeframes(self, symbol: str, dataset: str | None = None) -> list[str]:
         return self._file(symbol, dataset).timeframes()
 
