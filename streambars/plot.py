@@ -253,15 +253,20 @@ def draw(c: Candles, title: str, tz: ZoneInfo, size: tuple[float, float] = (16, 
     ax.set_ylim(lo, hi)
     axv.set_ylim(0, float(np.max(c.volume)) * 1.1 or 1.0)
     if c.highlight:
-        hx = mdates.date2num(np.datetime64(0, "ns")) + (np.asarray(sorted(set(c.highlight)), dtype=np.float64)
-                                                        + min(float(c.width_ns), typical) / 2) / day_ns  # fmt: skip
+        zero = mdates.date2num(np.datetime64(0, "ns"))
+        marks = np.asarray(sorted(set(c.highlight)), dtype=np.int64)
+        hx = zero + (marks + min(float(c.width_ns), typical) / 2) / day_ns
+        later = np.searchsorted(c.ts, marks, side="right")
         for a in (ax, axv):
-            for h in hx:
-                a.axvspan(h - 2.2 * half, h + 2.2 * half, color=HIGHLIGHT, alpha=0.25, lw=0, zorder=0)
+            for m, h, nxt in zip(marks.tolist(), hx.tolist(), later.tolist(), strict=True):
+                if m in c.ts or nxt >= len(c):
+                    a.axvspan(h - 2.2 * half, h + 2.2 * half, color=HIGHLIGHT, alpha=0.25, lw=0, zorder=0)
+                else:  # no bar there (a gap, a missing bar): shade up to the next bar
+                    a.axvspan(zero + m / day_ns, x[nxt] - half, color=HIGHLIGHT, alpha=0.25, lw=0, zorder=0)
         ax.scatter(hx, np.full(hx.size, 0.985), transform=ax.get_xaxis_transform(), marker="v", s=46,
                    color=HIGHLIGHT, edgecolors="#5d4037", linewidths=0.6, zorder=5, clip_on=False,
-                   label="offending bar" + ("s" if hx.size > 1 else "") + (" (price off scale)" if clipped else ""))
-        ax.legend(loc="upper left", frameon=False, fontsize=9)
+                   label="offender" + ("s" if hx.size > 1 else "") + (" (price off scale)" if clipped else ""))
+        ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), frameon=False, fontsize=9, borderaxespad=0.1)
 
     locator = mdates.AutoDateLocator(tz=tz, minticks=4, maxticks=10)
     axv.xaxis.set_major_locator(locator)
