@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start", help="first bar time (ISO-8601, UTC when no zone), inclusive")
     p.add_argument("--end", help="end time, exclusive")
     p.add_argument("--tz", default="UTC", help="time zone of the time axis, e.g. America/New_York (default UTC)")
-    p.add_argument("--max-candles", type=int, default=600, metavar="N",
+    p.add_argument("--max-candles", type=int, metavar="N",
                    help="draw coarser candles above N (default 600; 0: every bar)")
     p.add_argument("--out", required=True, metavar="FILE.png", help="picture file (.png, .svg or .pdf)")
     p.set_defaults(handler=_cmd_plot)

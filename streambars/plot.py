@@ -180,7 +180,9 @@ def load_candles(
             m = reader.count(symbol, coarse.name, start, end, dataset=dataset)
             if 0 < m <= max_candles:
                 bars = reader.read(symbol, coarse.name, start, end, dataset=dataset)
-                return Candles.from_bars(bars, coarse.nanos, f"{tf.name} bars shown as stored {coarse.name} bars")
+                c = Candles.from_bars(bars, coarse.nanos, f"{tf.name} bars shown as stored {coarse.name} bars")
+                c.bars = n  # the title counts the bars asked for
+                return c
     bars = reader.read(symbol, tf.name, start, end, dataset=dataset)
     return coarsen(Candles.from_bars(bars, tf.nanos, tf.name), tf, max_candles)
 
@@ -330,9 +332,10 @@ def plot_to_file(
     end: str | None = None,
     dataset: str | None = None,
     tz: str | None = None,
-    max_candles: int = MAX_CANDLES,
+    max_candles: int | None = None,
 ) -> tuple[Path, Candles]:
-    """`streambars plot`: draw [start, end) of one series into ``out``; (path, candles)."""
+    """`streambars plot`: draw [start, end) of one series into ``out``; (path, candles).
+    ``max_candles`` None: MAX_CANDLES; 0: every bar."""
     from .store import open_store
 
     require_matplotlib()
@@ -342,6 +345,8 @@ def plot_to_file(
     t0, t1 = parse_time(start, "start"), parse_time(end, "end")
     if t0 is not None and t1 is not None and t1 <= t0:
         raise UsageError(f"--end {iso(t1)} is not after --start {iso(t0)}")
+    if max_candles is None:
+        max_candles = MAX_CANDLES
     if max_candles < 0:
         raise UsageError(f"--max-candles {max_candles}: give 0 (every bar) or a positive number")
     if not Path(root).exists():

@@ -113,7 +113,7 @@ def test_plot_draws_long_ranges_with_fewer_candles(store, tmp_path, capsys):
     # 2,850 1min bars > 600: the finest stored timeframe that fits is the 5min one
     n5 = written["5min"].size
     assert n5 <= 600 < written["1min"].size
-    assert f"{n5:,} candles (1min bars shown as stored 5min bars)" in stdout
+    assert f"{written['1min'].size:,} bars, {n5:,} candles (1min bars shown as stored 5min bars)" in stdout
     code, stdout, _ = _run(["plot", "--store", str(root), "--symbol", "ES.c.0", "--timeframe", "1min",
                             "--max-candles", "0", "--out", str(out)], capsys)  # fmt: skip
     assert code == 0 and f"{written['1min'].size:,} candles (1min)" in stdout
@@ -332,14 +332,16 @@ def _chromium_run(args: list[str], tmp_path: Path) -> subprocess.CompletedProces
 def test_html_page_renders_in_headless_chromium(html_report, tmp_path):
     _, path, js = html_report
     want = _expected_findings(js)
-    dom = _chromium_run(["--dump-dom", path.as_uri()], tmp_path)
+    shot = tmp_path / "shot.png"
+    size = "--window-size=1280,1800"
+    dom = _chromium_run(["--dump-dom", f"--screenshot={shot}", size, path.as_uri()], tmp_path)  # one launch
     assert dom.returncode == 0, dom.stderr[-2000:]
     page = _parse(dom.stdout)  # the DOM the browser built, not our text
     assert len(page.tables["findings"]) == len(want)
     assert len(page.images) == len(want)
-    shot = tmp_path / "shot.png"
-    run = _chromium_run([f"--screenshot={shot}", "--window-size=1280,1800", path.as_uri()], tmp_path)
-    assert run.returncode == 0 and shot.exists(), run.stderr[-2000:]
+    if not shot.exists():  # a Chromium that does one thing per launch
+        run = _chromium_run([f"--screenshot={shot}", size, path.as_uri()], tmp_path)
+        assert run.returncode == 0 and shot.exists(), run.stderr[-2000:]
     pixels = _pixels(shot.read_bytes())
     # the browser decoded the embedded charts: candle colours are on screen
     assert _share_like(pixels, UP, tol=0.08) > 0.001 and _share_like(pixels, DOWN, tol=0.08) > 0.001
