@@ -177,6 +177,21 @@ def test_plot_unwritable_out_is_refused_before_drawing(store, tmp_path, capsys, 
     assert code == 2 and err.startswith("streambars: --out ") and err.count("\n") == 1, err
 
 
+def test_the_real_command_lists_plot_and_refuses_in_one_line(store, tmp_path):
+    """Through `python -m streambars` (the console entry point): help, and no traceback."""
+    from streambars.cli import build_parser
+
+    assert "plot" in build_parser().format_help()
+    root, _, _ = store
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "streambars", "plot", "--store", str(root), "--symbol", "NOPE",
+                           "--timeframe", "1min", "--out", str(tmp_path / "x.png")],
+                          capture_output=True, text=True, env=env, timeout=300, check=False)  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [f"streambars: --symbol 'NOPE' is not in {root} (it has: ES.c.0)"]
+
+
 def test_without_matplotlib_the_commands_name_the_extra(store, tmp_path, capsys, monkeypatch):
     root, _, _ = store
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
