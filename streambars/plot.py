@@ -45,6 +45,11 @@ if TYPE_CHECKING:  # pragma: no cover
 MAX_CANDLES = 600
 UP, DOWN = "#26a69a", "#ef5350"  # close >= open / close < open
 HIGHLIGHT = "#ff9800"
+#: Above this many candles in one picture the bodies would be narrower than a pixel: only
+#: the high-low lines (and volume lines) are drawn, each set as one path (a year of 1min
+#: bars: 5 s instead of 24 s).
+DENSE = 2000
+DENSE_COLOR = "#455a64"
 FORMATS = ("png", "svg", "pdf")
 EXTRA_HINT = "pip install 'streambars[plot]'"
 #: Candle lengths (seconds) tried when merging in memory: each a whole multiple of the bars'.
@@ -221,11 +226,25 @@ def _ylim(c: Candles, marked: np.ndarray) -> tuple[float, float, bool]:
     return lo - 0.04 * span, hi + 0.08 * span, clipped
 
 
+def _segments(x: np.ndarray, y0: np.ndarray, y1: np.ndarray, color: str, width: float, alpha: float) -> Any:
+    """Vertical lines (x, y0)-(x, y1) as ONE path: one draw call for any number of them."""
+    from matplotlib.patches import PathPatch
+    from matplotlib.path import Path as MplPath
+
+    verts = np.empty((2 * x.size, 2))
+    verts[0::2, 0] = verts[1::2, 0] = x
+    verts[0::2, 1], verts[1::2, 1] = y0, y1
+    codes = np.tile(np.array([MplPath.MOVETO, MplPath.LINETO], dtype=MplPath.code_type), x.size)
+    return PathPatch(MplPath(verts, codes), fill=False, edgecolor=color, linewidth=width, alpha=alpha,
+                     zorder=2)  # fmt: skip
+
+
 def draw(c: Candles, title: str, tz: ZoneInfo, size: tuple[float, float] = (16, 8)) -> Figure:
     """A figure: candles above, volume below, time axis in ``tz``, offending bars marked."""
     require_matplotlib()
     import matplotlib.dates as mdates
     from matplotlib.collections import LineCollection, PolyCollection
+    from matplotlib.colors import to_rgba
     from matplotlib.ticker import EngFormatter, MaxNLocator
 
     fig = _figure(*size)
@@ -236,17 +255,25 @@ def draw(c: Candles, title: str, tz: ZoneInfo, size: tuple[float, float] = (16, 
     typical = float(np.median(spacing[spacing > 0])) if (spacing > 0).any() else float(c.width_ns)
     half = 0.35 * min(float(c.width_ns), typical) / day_ns
     x = x + min(float(c.width_ns), typical) / day_ns / 2  # the candle's middle
-    up = c.close >= c.open
-    colors = np.where(up, UP, DOWN)
-    bottom, top = np.minimum(c.open, c.close), np.maximum(c.open, c.close)
-    body = np.stack([np.c_[x - half, bottom], np.c_[x - half, top], np.c_[x + half, top], np.c_[x + half, bottom]], axis=1)
-    thin = len(c) > 300
-    ax.add_collection(LineCollection(np.stack([np.c_[x, c.low], np.c_[x, c.high]], axis=1),
-                                     colors=colors, linewidths=0.6 if thin else 1.0, zorder=2))  # fmt: skip
-    ax.add_collection(PolyCollection(body, facecolors=colors, edgecolors=colors, linewidths=0.5, zorder=3))
-    vol = np.stack([np.c_[x - half, np.zeros(len(c))], np.c_[x - half, c.volume], np.c_[x + half, c.volume],
-                    np.c_[x + half, np.zeros(len(c))]], axis=1)  # fmt: skip
-    axv.add_collection(PolyCollection(vol, facecolors=colors, edgecolors=colors, linewidths=0.3, alpha=0.55))
+    up = (c.close >= c.open)[:, None]
+    colors = np.where(up, to_rgba(UP), to_rgba(DOWN))  # RGBA rows: colour names per candle are slow
+    zeros = np.zeros(len(c))
+    if len(c) > DENSE:  # bodies narrower than a pixel: the high-low range is the picture, and
+        # up/down colours would only paint over each other (the last drawn wins): one colour
+        ax.add_artist(_segments(x, c.low, c.high, DENSE_COLOR, 0.6, 1.0))  # add_artist: no per-vertex limits
+        axv.add_artist(_segments(x, zeros, c.volume, DENSE_COLOR, 0.6, 0.55))
+    else:
+        ax.add_collection(LineCollection(np.stack([np.c_[x, c.low], np.c_[x, c.high]], axis=1), colors=colors,
+                                         linewidths=0.6 if len(c) > 300 else 1.0, zorder=2), autolim=False)  # fmt: skip
+        bottom, top = np.minimum(c.open, c.close), np.maximum(c.open, c.close)
+        body = np.stack([np.c_[x - half, bottom], np.c_[x - half, top], np.c_[x + half, top],
+                         np.c_[x + half, bottom]], axis=1)  # fmt: skip
+        ax.add_collection(PolyCollection(body, facecolors=colors, edgecolors=colors, linewidths=0.5, zorder=3),
+                          autolim=False)  # fmt: skip
+        vol = np.stack([np.c_[x - half, zeros], np.c_[x - half, c.volume], np.c_[x + half, c.volume],
+                        np.c_[x + half, zeros]], axis=1)  # fmt: skip
+        axv.add_collection(PolyCollection(vol, facecolors=colors, edgecolors=colors, linewidths=0.3, alpha=0.55),
+                           autolim=False)  # fmt: skip
 
     marked = np.isin(c.ts, np.asarray(c.highlight, dtype=np.int64)) if c.highlight else np.zeros(len(c), bool)
     lo, hi, clipped = _ylim(c, marked)
@@ -296,8 +323,9 @@ def title_for(symbol: str, c: Candles, tz: ZoneInfo, dataset: str = "") -> str:
 
     end = int(c.ts[-1]) + c.width_ns
     where = f"  [{dataset}]" if dataset else ""
+    drawn = "high-low lines" if len(c) > DENSE else "candles"
     return (f"{symbol}{where}   {c.label}   {fmt(int(c.ts[0]))} .. {fmt(end)} {tz.key}"
-            f"   ({c.bars:,} bars, {len(c):,} candles)")  # fmt: skip
+            f"   ({c.bars:,} bars, {len(c):,} {drawn})")  # fmt: skip
 
 
 def figure_bytes(fig: Figure, fmt: str = "png") -> bytes:

@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 
 from streambars.cli import main as cli_main
-from streambars.plot import DOWN, UP, Candles, coarsen, title_for
+from streambars.plot import DENSE, DENSE_COLOR, DOWN, UP, Candles, coarsen, title_for
 from streambars.records import FIXED_PRICE_SCALE
 from streambars.timeframes import parse_timeframe
 from streambars.validate.checks import Tally
@@ -112,11 +112,15 @@ def test_plot_draws_long_ranges_with_fewer_candles(store, tmp_path, capsys):
     assert code == 0
     # 2,850 1min bars > 600: the finest stored timeframe that fits is the 5min one
     n5 = written["5min"].size
-    assert n5 <= 600 < written["1min"].size
+    assert n5 <= 600 < DENSE < written["1min"].size
     assert f"{written['1min'].size:,} bars, {n5:,} candles (1min bars shown as stored 5min bars)" in stdout
     code, stdout, _ = _run(["plot", "--store", str(root), "--symbol", "ES.c.0", "--timeframe", "1min",
                             "--max-candles", "0", "--out", str(out)], capsys)  # fmt: skip
     assert code == 0 and f"{written['1min'].size:,} candles (1min)" in stdout
+    # more candles than pixel columns: high-low lines in one neutral colour, no candle colours
+    img = _pixels(out.read_bytes())
+    grey = _share_like(img, DENSE_COLOR, tol=0.15)
+    assert grey > 0.0005 and grey > 10 * (_share_like(img, UP) + _share_like(img, DOWN))
 
 
 def test_merged_candles_match_pandas_resample(store):
