@@ -39,6 +39,7 @@ HDF5 files that analysis code can read while they are being written.
   streambars backfill --start ...      download history month by month into the store
   streambars run                       the live daemon (systemd Type=notify)
   streambars inspect | export | validate | compact   work with the store
+  streambars plot --symbol ... --out x.png   candlesticks with volume
 """
 
 
@@ -188,9 +189,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--end")
     p.add_argument("--report", metavar="PATH", help="text report (default <store>/logs/validate-*.txt)")
     p.add_argument("--json", dest="json_path", metavar="PATH", help="JSON report")
+    p.add_argument("--html", dest="html_path", metavar="PATH", help="self-contained HTML page: the "
+                   "findings and a chart around each rule's first offenders (needs streambars[plot])")
     p.add_argument("--reference", action="store_true",
                    help="also compare 1min/1h/1d with Databento's own ohlcv-1m/1h/1d")
     p.set_defaults(handler=_cmd_validate)
+
+    p = sub.add_parser("plot", help="draw candlesticks with volume to a PNG",
+                       description="Draw one symbol's bars of one timeframe as candlesticks with a "
+                       "volume panel (needs pip install 'streambars[plot]'). Long ranges are drawn "
+                       "with coarser candles (a stored coarser timeframe, else bars merged in "
+                       "memory); the title says which.")
+    _common(p)
+    p.add_argument("--dataset", help="dataset (needed when several hold the symbol)")
+    p.add_argument("--symbol", required=True)
+    p.add_argument("--timeframe", required=True)
+    p.add_argument("--start", help="first bar time (ISO-8601, UTC when no zone), inclusive")
+    p.add_argument("--end", help="end time, exclusive")
+    p.add_argument("--tz", default="UTC", help="time zone of the time axis, e.g. America/New_York (default UTC)")
+    p.add_argument("--max-candles", type=int, metavar="N",
+                   help="draw coarser candles above N (default 600; 0: every bar)")
+    p.add_argument("--out", required=True, metavar="FILE.png", help="picture file (.png, .svg or .pdf)")
+    p.set_defaults(handler=_cmd_plot)
 
     p = sub.add_parser("compact", help="rewrite closed files compressed, atomically",
                        description="Rewrite store files (not being written) with compression into a "
@@ -342,10 +362,22 @@ def _cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
         end=args.end,
         report_path=args.report,
         json_path=args.json_path,
+        html_path=args.html_path,
         reference=args.reference,
         env_file=args.env_file,
         out=sys.stdout,
     )
+
+
+def _cmd_plot(args: argparse.Namespace, settings: Settings) -> int:
+    from .plot import plot_to_file
+
+    path, candles = plot_to_file(
+        settings.store.path, symbol=args.symbol, timeframe=args.timeframe, out=args.out,
+        start=args.start, end=args.end, dataset=args.dataset, tz=args.tz, max_candles=args.max_candles,
+    )  # fmt: skip
+    print(f"{path}\t{candles.bars:,} bars, {len(candles):,} candles ({candles.label})")
+    return EXIT_OK
 
 
 def _cmd_compact(args: argparse.Namespace, settings: Settings) -> int:

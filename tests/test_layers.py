@@ -22,7 +22,7 @@ LAYERS: list[set[str]] = [
     # the parts: configuration, the engine, the store, the raw archive, sources
     {"config", "engine", "store", "archive", "ledger", "sources"},
     # flows built from the parts
-    {"pipeline", "export", "validate", "synthetic"},
+    {"pipeline", "export", "validate", "synthetic", "plot"},
     # the commands' wings
     {"backfill", "cluster", "repair", "daemon", "demo"},
     # entry points

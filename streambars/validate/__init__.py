@@ -260,12 +260,13 @@ def run_validate(
     end: str | None = None,
     report_path: str | Path | None = None,
     json_path: str | Path | None = None,
+    html_path: str | Path | None = None,
     reference: bool = False,
     env_file: str | None = None,
     out: TextIO | None = None,
     fetcher: Fetcher | None = None,
 ) -> int:
-    """The CLI's `validate`: validate, write the text (and JSON) report, print a table.
+    """The CLI's `validate`: validate, write the text (and JSON, HTML) report, print a table.
 
     Returns 0 clean (warnings/info allowed) or 1 when an error-severity rule failed; raises
     UsageError / UnreadableStoreError (exit 2) for bad arguments or an unreadable store.
@@ -273,6 +274,10 @@ def run_validate(
     from ..tables import format_table
 
     out = out or sys.stdout
+    if html_path:  # before the work: a page that cannot have its charts is asked for in vain
+        from ..plot import require_matplotlib
+
+        require_matplotlib()
     report = validate_store(
         settings, dataset=dataset, symbols=symbols, timeframes=timeframes, start=start, end=end,
         reference=reference, fetcher=fetcher, env_file=env_file,
@@ -291,6 +296,11 @@ def run_validate(
         if json_path:
             report.write_json(Path(json_path))
             print(f"json: {json_path}", file=out)
+        if html_path:
+            from .html import write_html
+
+            write_html(report, Path(html_path))
+            print(f"html: {html_path}", file=out)
     except OSError as e:  # the results are on stdout; the place asked for cannot be written
         raise UsageError(f"cannot write the validation report ({e}); pass --report/--json a writable path") from None
     return report.exit_code
