@@ -173,7 +173,7 @@ def load_candles(
         raise UsageError(f"{symbol} has no {tf.name} bars (stored: {', '.join(t.name for t in stored)})")
     n = reader.count(symbol, tf.name, start, end, dataset=dataset)
     if n == 0:
-        info = [s for s in reader.series() if s.symbol == symbol and s.timeframe == tf.name
+        info = [s for s in reader.series(raw=True) if s.symbol == symbol and s.timeframe == tf.name
                 and dataset in (None, s.dataset)]  # fmt: skip
         held = f"{iso(info[0].first)} .. {iso(info[0].last)}" if info and info[0].rows else "no rows"
         raise UsageError(
