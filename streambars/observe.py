@@ -309,12 +309,14 @@ class ProgressDisplay:
     def __init__(self, progress: Progress, what: str, *, show: bool = True, every: float = LOG_EVERY_S,
                  **fields: Any):
         self.progress, self.what, self.every, self.fields = progress, what, every, fields
-        self.show = show
         self.note = ""
         self._bar: RichProgress | None = None
         self._task: Any = None
         self._last = time.monotonic()
-        self.terminal = show and not _LIVE and _stderr_is_terminal()
+        self.terminal = show and _stderr_is_terminal()
+        if self.terminal and _LIVE:  # another bar owns the terminal (rich allows one): stay silent
+            show = self.terminal = False
+        self.show = show
         if show:
             progress.listener = self.update
 
@@ -366,8 +368,10 @@ class ProgressDisplay:
         if self.progress.listener == self.update:
             self.progress.listener = None
         if bar is not None:
-            self._sync_final(bar)
             try:
+                fraction = self.progress.fraction  # the final figures (an unknown share stays as drawn)
+                if fraction is not None:
+                    bar.update(self._task, total=1000, completed=int(fraction * 1000))
                 bar.stop()
             finally:
                 if bar in _LIVE:
@@ -375,10 +379,6 @@ class ProgressDisplay:
                 _LOG_STREAM.flush()
         elif self.show and not self.terminal:
             self._log(final=True)
-
-    def _sync_final(self, bar: RichProgress) -> None:
-        fraction = self.progress.fraction
-        bar.update(self._task, total=1000, completed=int((1.0 if fraction is None else fraction) * 1000))
 
     def __enter__(self) -> ProgressDisplay:
         return self.start()
