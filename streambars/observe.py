@@ -200,40 +200,55 @@ class Progress:
     started: float = field(default_factory=time.monotonic)
     #: told after every add() (the display showing these figures: cheap, rate-limited)
     listener: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+    clock: Callable[[], float] = field(default=time.monotonic, repr=False, compare=False)
+    #: (time, share done) at the first counted records: the ETA's rate leaves start-up out
+    origin: tuple[float, float] | None = field(default=None, repr=False, compare=False)
 
     def add(self, records: int = 0, bars: int = 0, nbytes: int = 0) -> None:
         self.records += records
         self.bars += bars
         self.bytes += nbytes
+        if self.origin is None and self.records:
+            self.origin = (self.clock(), self._measured() or 0.0)
         if self.listener is not None:
             self.listener()
 
     @property
     def elapsed(self) -> float:
-        return max(time.monotonic() - self.started, 1e-9)
+        return max(self.clock() - self.started, 1e-9)
 
     @property
     def rate(self) -> float:
         return self.records / self.elapsed
 
-    @property
-    def fraction(self) -> float | None:
-        """How much of the work is done (0..1), on the ETA's basis; None when unknown."""
+    def _measured(self) -> float | None:
+        """The share done by input bytes or records (0..1); None when neither total is known."""
         if self.input_total:
             return min(self.input_bytes / self.input_total, 1.0)
         if self.total_records:
             return min(self.records / self.total_records, 1.0)
-        if self.units_total:
-            return min(self.units_done / self.units_total, 1.0)
         return None
 
     @property
+    def fraction(self) -> float | None:
+        """How much of the work is done (0..1), on the ETA's basis; None when unknown."""
+        measured = self._measured()
+        if measured is None and self.units_total:
+            return min(self.units_done / self.units_total, 1.0)
+        return measured
+
+    @property
     def eta_seconds(self) -> float | None:
-        if self.input_total and self.input_bytes:
-            return self.elapsed / self.input_bytes * max(self.input_total - self.input_bytes, 0)
-        if self.total_records and self.records:
-            return max(self.total_records - self.records, 0) / self.rate
-        if self.units_total and self.units_done:
+        """Bytes or records: the rate since the first counted records (start-up, e.g. opening
+        the store, would make an early ETA too long); units: since the start (a month's
+        download is part of its cost)."""
+        f = self._measured()
+        if f:
+            if self.origin is not None and f > self.origin[1]:
+                t0, f0 = self.origin
+                return max(self.clock() - t0, 0.0) / (f - f0) * (1.0 - f)
+            return self.elapsed / f * (1.0 - f)
+        if f is None and self.units_total and self.units_done:
             return self.elapsed / self.units_done * max(self.units_total - self.units_done, 0)
         return None
 

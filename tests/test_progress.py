@@ -154,23 +154,35 @@ def _figure(text: str, noun: str) -> int:
 # ------------------------------------------------------------------ the figures themselves
 
 
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_eta_basis_prefers_input_bytes_then_records_then_units():
-    p = Progress(total_records=1000, units_total=4, input_total=400)
-    p.started -= 10.0  # ten seconds of work
-    p.add(records=500)
-    p.units_done = 1
+    clock = FakeClock()
+    p = Progress(total_records=1000, units_total=4, input_total=400, clock=clock, started=clock.now)
+    clock.now += 30  # start-up: not work, left out of the rate
+    p.input_bytes = 40
+    p.add(records=100)  # the first records counted: the rate is measured from here
+    clock.now += 10
+    p.add(records=400)
     p.input_bytes = 100
-    elapsed = p.elapsed
+    p.units_done = 1
     assert p.fraction == 0.25
-    assert p.eta_seconds == pytest.approx(elapsed / 100 * 300, rel=1e-3)
+    assert p.eta_seconds == pytest.approx(10 / (0.25 - 0.1) * 0.75)  # 15% of the bytes in 10 s
     p.input_total = None
     assert p.fraction == 0.5
-    assert p.eta_seconds == pytest.approx(500 / (500 / elapsed), rel=1e-3)
+    assert p.eta_seconds == pytest.approx(10 / (0.5 - 0.1) * 0.5)  # 40% of the records in 10 s
     p.total_records = None
     assert p.fraction == 0.25
-    assert p.eta_seconds == pytest.approx(elapsed * 3, rel=1e-3)
+    assert p.eta_seconds == pytest.approx(40 * 3)  # a unit took 40 s (downloads count): 3 to go
     p.units_total = None
     assert p.fraction is None and p.eta_seconds is None and "ETA" not in p.line()
+    assert p.fields()["records_per_s"] == round(500 / 40)
 
 
 def test_figures_name_what_they_count():
