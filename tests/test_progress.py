@@ -342,7 +342,11 @@ def test_export_validate_compact_on_a_terminal(ingested, tmp_path):
 
     rc, raw = run_in_pty(["compact", "--store", str(ingested), "--compression", "lzf"])
     assert rc == 0 and "Traceback" not in raw, raw[-2000:]
-    assert _figure(final_bar(screen_lines(raw), "compact"), "files") == 2
+    lines = screen_lines(raw)
+    assert _figure(final_bar(lines, "compact"), "files") == 2
+    # what it prints to stdout (the same terminal) while the bar is drawn arrives whole, above it
+    printed = [s for s in lines if " bytes" in s and not s.startswith("compact ")]
+    assert len(printed) == 2 and all(re.fullmatch(r"\S+\.h5\s+[\d,]+ -> [\d,]+ bytes", s) for s in printed)
     assert _store_rows(ingested, CHECKED) == rows
 
 
