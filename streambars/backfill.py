@@ -699,15 +699,12 @@ class Runner:
             yield self._checkpoint(list(ledgers), registry, ledgers)
 
         result.stats.progress = progress
-        try:
-            display.start()
+        with display:  # stops rich's refresh thread however the run ends
             _run_with_signals(
                 run_pipeline(source(), engine, writers, registry, stats=result.stats, queue_size=BACKFILL_QUEUE),
                 download,
                 should_stop=hooks.should_stop,
             )
-        finally:
-            display.close()  # stops rich's refresh thread (never left drawing after an error)
         _collect(engine, result)
         result.seconds = time.monotonic() - self.t0
 

@@ -389,9 +389,8 @@ def _collect(futures: dict[Any, str], board: Board, reports: dict[str, SymbolRep
     progress = board.update()
     display = ProgressDisplay(progress, "backfill", every=LOG_EVERY_S)
     display.fields["symbols"] = f"{len(board.finished)}/{len(board.symbols)}"
-    display.start()
     pending = set(futures)
-    try:
+    with display:
         while pending:
             try:
                 done = wait(list(pending), timeout=0.5, return_when="FIRST_COMPLETED").done
@@ -411,8 +410,6 @@ def _collect(futures: dict[Any, str], board: Board, reports: dict[str, SymbolRep
             board.update()
             display.fields["symbols"] = f"{len(board.finished)}/{len(board.symbols)}"
             display.update(board.prefix())
-    finally:
-        display.close()
 
 
 def _report(future: Any, symbol: str) -> SymbolReport:

@@ -351,7 +351,7 @@ class ProgressDisplay:
                 self._bar.start()
                 self._sync()
             except BaseException:  # Ctrl-C right now: no refresh thread may outlive this
-                self.close()
+                self.close(failed=True)
                 raise
         return self
 
@@ -377,8 +377,9 @@ class ProgressDisplay:
         get_logger("streambars.progress").info(
             "progress", what=self.what, **self.fields, **self.progress.fields(), **extra)
 
-    def close(self) -> None:
-        """Stop drawing (the bar stays with its final figures); off a terminal, the final event."""
+    def close(self, failed: bool = False) -> None:
+        """Stop drawing (the bar stays with its final figures); off a terminal, the final event
+        -- not when the work ``failed``: then the one ``streambars:`` line says what happened."""
         bar, self._bar = self._bar, None
         if self.progress.listener == self.update:
             self.progress.listener = None
@@ -392,14 +393,14 @@ class ProgressDisplay:
                 if bar in _LIVE:
                     _LIVE.remove(bar)
                 _LOG_STREAM.flush()
-        elif self.show and not self.terminal:
+        elif self.show and not self.terminal and not failed:
             self._log(final=True)
 
     def __enter__(self) -> ProgressDisplay:
         return self.start()
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        self.close(failed=kind is not None)
 
 
 _CONSOLE: list[Console] = []
