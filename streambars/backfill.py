@@ -53,7 +53,7 @@ from .engine.kernel import S_LAST
 from .errors import CostLimitError, Interrupted, UsageError
 from .fsio import pid_alive
 from .ledger import EMPTY, LIVE, Ledger, Span, live_span, span_key
-from .observe import Progress, TerminalProgress, get_logger
+from .observe import Progress, ProgressDisplay, get_logger
 from .pipeline import (
     ENGINE_STATE,
     PROGRESS,
@@ -619,10 +619,27 @@ class Runner:
              registry: SeriesRegistry, ledgers: dict[str, Ledger], flush_end: int | None,
              resume: ResumeFilter | None) -> None:
         db, result = self.settings.databento, self.result
-        progress = Progress(units_total=len(items))
-        terminal = TerminalProgress(progress)
-        terminal.enabled = terminal.enabled and self.hooks.terminal
+        sizes = [_input_size(i, self.plan) for i in items]
+        progress = Progress(units_total=len(items), units_noun="chunks" if any(i.by_symbol for i in items) else "files",
+                            input_total=sum(sizes) if None not in sizes else None)  # type: ignore[arg-type]
+        display = ProgressDisplay(progress, self.hooks.what, show=self.hooks.terminal)
         hooks = self.hooks
+
+        records_done = [0]
+
+        def item_done(item: Item, records: int) -> None:
+            """Once the item's checkpoint is saved (a rerun will not redo it). Its records are
+            counted as the source sends them: the pipeline's live count lags a finished input
+            by the batches still queued, and runs ahead of it by the next input's batches the
+            engine took while the writer saved this one."""
+            progress.units_done += 1
+            self.units_done += 1
+            records_done[0] += records
+            what = "month" if item.by_symbol else "file"
+            log.info(f"{what} done", **{what: item.label, **progress.fields(), "records": records,
+                                        "total_records": records_done[0]})
+            if hooks.on_progress is not None:
+                hooks.on_progress(item.label, result, self.units_done)
 
         # The download task runs beside the pipeline (in _run_with_signals' task group), not
         # in a task group inside the source generator: a generator suspended at a yield inside
@@ -654,38 +671,55 @@ class Runner:
 
         async def source() -> AsyncIterator[PipelineItem]:
             async with ready_recv:
+                done = 0
                 async for item, path in ready_recv:
+                    size, done = sizes[done], done + 1
+                    base, records = progress.input_bytes, 0
+
+                    def consumed(n: int, base: int = base) -> None:
+                        progress.input_bytes = base + n
+
+                    display.update(item.label)
                     if path is not None:
-                        async for batch in _decode(item, path, registry, self.schema, self.stype,
-                                                   self.clock, resume, self.settings.bars.per_publisher):
+                        async for batch in _decode(item, path, registry, self.schema, self.stype, self.clock,
+                                                   resume, self.settings.bars.per_publisher, consumed):
+                            records += len(batch)
                             yield batch
-                            terminal.update(item.label)
+                    progress.input_bytes = base + (size or 0)
                     for name, spans in item.spans.items():
                         if item.source != LIVE:
                             for a, b in spans:
                                 ledgers[name].add(Span(a, b, item.source if path else EMPTY, item.end_known))
-                    yield self._checkpoint(list(item.spans), registry, ledgers)
-                    progress.units_done += 1
-                    self.units_done += 1
-                    log.info("month done", month=item.label, **progress.fields())
-                    if hooks.on_progress is not None:
-                        hooks.on_progress(item.label, result, self.units_done)
+                    checkpoint = self._checkpoint(list(item.spans), registry, ledgers)
+                    checkpoint.on_saved = lambda item=item, records=records: item_done(item, records)
+                    yield checkpoint
                     _give_back_free_memory()
             if flush_end is not None:
                 yield FlushUntil(flush_end)
             yield self._checkpoint(list(ledgers), registry, ledgers)
 
         result.stats.progress = progress
-        try:
+        with display:  # stops rich's refresh thread however the run ends
             _run_with_signals(
                 run_pipeline(source(), engine, writers, registry, stats=result.stats, queue_size=BACKFILL_QUEUE),
                 download,
                 should_stop=hooks.should_stop,
             )
-        finally:
-            terminal.close()
         _collect(engine, result)
         result.seconds = time.monotonic() - self.t0
+
+
+def _input_size(item: Item, plan: Plan | None) -> int | None:
+    """Bytes the item's input file holds (0: nothing to read), None when not known yet (it is
+    still to be downloaded): a run's ETA is by input bytes only when every size is known."""
+    if item.path is None:
+        return 0
+    if _stale(item, plan):
+        return None
+    try:
+        return item.path.stat().st_size
+    except OSError:
+        return None
 
 
 def _give_back_free_memory() -> None:
@@ -742,16 +776,17 @@ def _remove_dead_rebuilds(directory: Path) -> None:
 
 async def _decode(
     item: Item, path: Path, registry: SeriesRegistry, schema: str, stype_in: str, clock: str,
-    resume: ResumeFilter | None, per_publisher: bool = False,
+    resume: ResumeFilter | None, per_publisher: bool = False, position: Callable[[int], None] | None = None,
 ) -> AsyncIterator[PipelineItem]:
     """Decode one input in bounded batches off the event loop, keeping only the records inside
-    their symbol's spans (and, after a restart, past what the engine already holds)."""
+    their symbol's spans (and, after a restart, past what the engine already holds);
+    ``position`` is told the bytes of the input read so far (progress)."""
     symbol = next(iter(item.spans)) if item.by_symbol else None
     if item.source == LIVE:
         it: Iterator = _live_batches(path, registry, schema, symbol or "", clock)
     else:
         it = dbnfile.iter_batches(path, registry, expected_schema=schema, stype_in=stype_in, symbol=symbol,
-                                  trade_clock=clock, per_publisher=per_publisher)
+                                  trade_clock=clock, per_publisher=per_publisher, position=position)
     keep = SpanFilter(item.spans, registry, per_publisher)
     sentinel = object()
     while True:
@@ -960,6 +995,8 @@ class RunHooks:
     should_stop: Callable[[], bool] | None = None
     #: draw the progress line on a terminal (a worker leaves that to the submitter)
     terminal: bool = True
+    #: what the progress bar and ``progress`` events call the run
+    what: str = "backfill"
 
 
 def _run_with_signals(coro: Any, *background: Callable[[], Awaitable[None]],

@@ -330,20 +330,28 @@ def _cmd_inspect(args: argparse.Namespace, settings: Settings) -> int:
 
 def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     from .export import STDOUT, export_bars
+    from .observe import Progress, ProgressDisplay
+    from .records import BAR_DTYPE
 
-    written = export_bars(
-        settings.store.path,
-        symbol=_split_list(args.symbol),
-        timeframe=_split_list(args.timeframe),
-        dataset=args.dataset,
-        start=args.start,
-        end=args.end,
-        fmt=args.format,
-        split=args.split,
-        layout=args.layout,
-        tz=args.tz,
-        out=args.out,
-    )
+    progress = Progress(noun="rows", units_noun="files", count_bars=False)
+    # CSV on a terminal's stdout: a bar there would be drawn among the rows
+    with ProgressDisplay(progress, "export", show=not (args.out == STDOUT and sys.stdout.isatty())) as display:
+        written = export_bars(
+            settings.store.path,
+            symbol=_split_list(args.symbol),
+            timeframe=_split_list(args.timeframe),
+            dataset=args.dataset,
+            start=args.start,
+            end=args.end,
+            fmt=args.format,
+            split=args.split,
+            layout=args.layout,
+            tz=args.tz,
+            out=args.out,
+            on_rows=lambda n: progress.add(records=n, nbytes=n * BAR_DTYPE.itemsize),
+        )
+        progress.units_total = progress.units_done = len(written)
+        display.update()
     report = sys.stderr if args.out == STDOUT else sys.stdout  # stdout carries the CSV alone
     for path, rows in written:
         print(f"{path}\t{rows} rows", file=report)
@@ -381,10 +389,13 @@ def _cmd_plot(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_compact(args: argparse.Namespace, settings: Settings) -> int:
+    from .observe import Progress, ProgressDisplay
     from .store import compact_store
 
-    for path, before, after in compact_store(settings.store.path, args.paths, args.compression):
-        print(f"{path}\t{before:,} -> {after:,} bytes")
+    progress = Progress(noun="files", count_bars=False)
+    with ProgressDisplay(progress, "compact"):
+        for path, before, after in compact_store(settings.store.path, args.paths, args.compression, progress):
+            print(f"{path}\t{before:,} -> {after:,} bytes")
     return EXIT_OK
 
 

@@ -45,7 +45,7 @@ from typing import Any, TextIO
 from .backfill import BackfillResult, Plan, RunHooks, StopRequested, execute, print_summary
 from .config import API_KEY_ENV, ConfigError
 from .errors import StreambarsError, UsageError
-from .observe import Progress, TerminalProgress, configure_logging, get_logger, scrub
+from .observe import LOG_EVERY_S, Progress, ProgressDisplay, configure_logging, get_logger, scrub
 
 log = get_logger("streambars.cluster")
 
@@ -65,8 +65,6 @@ LOCAL_WORKER_CONFIG = {
     "distributed.admin.system-monitor.interval": "5s",
     "distributed.worker.memory.monitor-interval": "1s",
 }
-#: Seconds between aggregated progress log events when stderr is not a terminal.
-LOG_EVERY_S = 5.0
 
 
 class StoreNotVisibleError(StreambarsError):
@@ -256,7 +254,7 @@ class Board:
         self.finished: set[str] = set()
         self.events: list[dict[str, Any]] = []
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
-        self.progress = Progress(units_total=self.units_total or None)
+        self.progress = Progress(units_total=self.units_total or None, units_noun="chunks")
 
     def on_event(self, event: tuple[float, dict[str, Any]]) -> None:
         """Dask calls this (its event loop thread) for every progress event."""
@@ -389,10 +387,10 @@ def _collect(futures: dict[Any, str], board: Board, reports: dict[str, SymbolRep
     from distributed import wait
 
     progress = board.update()
-    terminal = TerminalProgress(progress, prefix=board.prefix())
-    last_log = time.monotonic()
+    display = ProgressDisplay(progress, "backfill", every=LOG_EVERY_S)
+    display.fields["symbols"] = f"{len(board.finished)}/{len(board.symbols)}"
     pending = set(futures)
-    try:
+    with display:
         while pending:
             try:
                 done = wait(list(pending), timeout=0.5, return_when="FIRST_COMPLETED").done
@@ -410,13 +408,8 @@ def _collect(futures: dict[Any, str], board: Board, reports: dict[str, SymbolRep
                 else:
                     log.warning("symbol failed", symbol=symbol, worker=r.worker, error=r.error)
             board.update()
-            terminal.prefix = board.prefix()
-            terminal.update()
-            if not terminal.enabled and time.monotonic() - last_log >= LOG_EVERY_S:
-                last_log = time.monotonic()
-                log.info("progress", symbols=f"{len(board.finished)}/{len(board.symbols)}", **progress.fields())
-    finally:
-        terminal.close()
+            display.fields["symbols"] = f"{len(board.finished)}/{len(board.symbols)}"
+            display.update(board.prefix())
 
 
 def _report(future: Any, symbol: str) -> SymbolReport:

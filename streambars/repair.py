@@ -24,7 +24,15 @@ from typing import TextIO
 
 from . import archive
 from .archive import live_archive_head, live_archive_tail
-from .backfill import INPUTS_DIR, BackfillResult, FileState, Runner, file_span, print_summary
+from .backfill import (
+    INPUTS_DIR,
+    BackfillResult,
+    FileState,
+    RunHooks,
+    Runner,
+    file_span,
+    print_summary,
+)
 from .config import Settings
 from .errors import UsageError
 from .ledger import LIVE, Ledger, Span, key_span, live_span, subtract
@@ -143,8 +151,8 @@ def repair_file(settings: Settings, path: str | os.PathLike[str], out: TextIO = 
     result = BackfillResult(chunks_total=len(plan.ledger.sources()))
     try:
         states = {plan.symbol: FileState(plan.ledger)}
-        Runner(plan.settings, plan.dataset, plan.stype, writers, states, None, result).rebuild(
-            plan.symbol, plan.ledger, {})
+        Runner(plan.settings, plan.dataset, plan.stype, writers, states, None, result,
+               hooks=RunHooks(what="repair")).rebuild(plan.symbol, plan.ledger, {})
     except BaseException:
         writers.close_all()
         if aside is not None and not plan.path.exists():

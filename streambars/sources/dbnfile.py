@@ -44,7 +44,7 @@ a download enters the archive, so archive files are whole.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO
@@ -149,6 +149,10 @@ class _Stream:
         del self._buf[:n]
         return out
 
+    def consumed(self) -> int:
+        """Bytes of the file read so far (compressed bytes for zstd): the basis of an ETA."""
+        return self._f.tell()
+
     def close(self) -> None:
         self._f.close()
 
@@ -250,8 +254,12 @@ def iter_records(
     *,
     expected_schema: str | None = None,
     chunk_records: int = CHUNK_RECORDS,
+    position: Callable[[int], None] | None = None,
 ) -> Iterator[tuple[DbnInfo, np.ndarray]]:
     """Yield (info, structured array of DBN structs) chunks of at most ``chunk_records``.
+
+    ``position(n)``, if given, is told the bytes of the file read so far before each chunk
+    is yielded (progress: a file's size is known up front, its record count is not).
 
     Raises SourceError (naming the file) for: a schema other than ohlcv-1s/ohlcv-1m/trades,
     a schema other than ``expected_schema``, a truncated or corrupt file.
@@ -289,6 +297,8 @@ def iter_records(
                                f"rtype={arr['rtype'][i]:#04x}; expected length={want_len} and a "
                                f"{schema} rtype)")
             done += len(arr)
+            if position is not None:
+                position(s.consumed())
             yield info, arr
 
 
@@ -408,6 +418,7 @@ def iter_batches(
     chunk_records: int = CHUNK_RECORDS,
     trade_clock: str = "ts_recv",
     per_publisher: bool = False,
+    position: Callable[[int], None] | None = None,
 ) -> Iterator[RecordBatch]:
     """Decode ``path`` into RecordBatch chunks with series indices from ``registry``.
 
@@ -416,11 +427,12 @@ def iter_batches(
     ``instrument_symbols``: instrument_id -> raw symbol for parent files (default: the
     archive sidecar). ``trade_clock``: the timestamp a trade is binned by (records.TRADE_CLOCKS).
     ``per_publisher``: each (symbol, publisher) its own series ``SYMBOL@VENUE``.
-    Raises SourceError as :func:`iter_records` does.
+    ``position``: as for :func:`iter_records`. Raises SourceError as :func:`iter_records` does.
     """
     p = Path(path)
     resolver: _Resolver | None = None
-    for info, arr in iter_records(p, expected_schema=expected_schema, chunk_records=chunk_records):
+    for info, arr in iter_records(p, expected_schema=expected_schema, chunk_records=chunk_records,
+                                  position=position):
         if resolver is None:
             st = info.stype_in or stype_in
             if st != info.stype_in:

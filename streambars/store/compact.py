@@ -13,13 +13,14 @@ compacted file, it first rewrites it uncompressed the same way (see writer.py).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import h5py
 
 from ..errors import DamagedFileError, StoreError, StoreLockedError, UsageError
 from ..fsio import replace_file
+from ..observe import Progress
 from .layout import BARS, LIBVER, SUFFIX, remove_stale_temps, store_files, temp_path
 from .lock import FileLock
 from .probe import check_writable
@@ -40,10 +41,12 @@ def _filters(compression: str | None) -> dict[str, object]:
     raise StoreError(f"compression {compression!r} is not one of {', '.join(COMPRESSIONS)}")
 
 
-def rewrite_file(path: Path, compression: str | None) -> tuple[int, int]:
+def rewrite_file(path: Path, compression: str | None,
+                 copied: Callable[[float], None] | None = None) -> tuple[int, int]:
     """Copy ``path`` with its bar datasets (re)compressed, then rename the copy over it.
 
-    The caller must hold the file's writer lock. Returns (bytes before, bytes after)."""
+    The caller must hold the file's writer lock. Returns (bytes before, bytes after).
+    ``copied(fraction)`` is told how much of the file's data is copied so far (progress)."""
     filters = _filters(compression)
     before = os.path.getsize(path)
     tmp = temp_path(path, "compact")
@@ -52,7 +55,16 @@ def rewrite_file(path: Path, compression: str | None) -> tuple[int, int]:
             if BARS not in src:
                 raise StoreError(f"{path} is not a streambars bar file (no /{BARS} group)")
             dst.attrs.update(src.attrs)
-            src.visititems(lambda name, obj: _copy(name, obj, dst, filters))
+            sizes: list[int] = []
+            src.visititems(lambda _, obj: sizes.append(obj.nbytes) if isinstance(obj, h5py.Dataset) else None)
+            done, total = [0], max(sum(sizes), 1)
+
+            def step(n: int) -> None:
+                done[0] += n
+                if copied is not None:
+                    copied(min(done[0] / total, 1.0))
+
+            src.visititems(lambda name, obj: _copy(name, obj, dst, filters, step))
         replace_file(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
@@ -63,7 +75,8 @@ def rewrite_file(path: Path, compression: str | None) -> tuple[int, int]:
     return before, os.path.getsize(path)
 
 
-def _copy(name: str, obj: h5py.Group | h5py.Dataset, dst: h5py.File, filters: dict[str, object]) -> None:
+def _copy(name: str, obj: h5py.Group | h5py.Dataset, dst: h5py.File, filters: dict[str, object],
+          step: Callable[[int], None]) -> None:
     if isinstance(obj, h5py.Group):
         dst.require_group(name).attrs.update(obj.attrs)
         return
@@ -74,18 +87,21 @@ def _copy(name: str, obj: h5py.Group | h5py.Dataset, dst: h5py.File, filters: di
     out.attrs.update(obj.attrs)
     if not obj.size:
         return
-    step = (obj.chunks[0] if obj.chunks else obj.shape[0]) * _COPY_CHUNKS
-    for lo in range(0, obj.shape[0], step):
-        out[lo : lo + step] = obj[lo : lo + step]
+    rows = (obj.chunks[0] if obj.chunks else obj.shape[0]) * _COPY_CHUNKS
+    for lo in range(0, obj.shape[0], rows):
+        out[lo : lo + rows] = part = obj[lo : lo + rows]
+        step(part.nbytes)
 
 
 def compact_store(
-    root: Path | str, paths: Sequence[str | Path] = (), compression: str = "gzip"
+    root: Path | str, paths: Sequence[str | Path] = (), compression: str = "gzip",
+    progress: Progress | None = None,
 ) -> Iterator[tuple[Path, int, int]]:
     """Rewrite each file (default: all in the store) compressed; yields (path, before, after).
 
     A file being written (its writer lock held) is skipped and named in the StoreLockedError
-    raised after the others are done."""
+    raised after the others are done. ``progress`` (if given): files rewritten (``records``),
+    bytes written, and the bytes of the input gone through of their total (the ETA)."""
     _filters(compression)
     root = Path(root)
     if paths:
@@ -96,7 +112,16 @@ def compact_store(
         files = store_files(root)
     refused: list[str] = []
     damaged: list[DamagedFileError] = []
+    progress = progress or Progress()
+    sizes = {path: _size(path) for path in files}
+    progress.input_total = sum(sizes.values())
     for path in files:
+        base = progress.input_bytes
+
+        def copied(fraction: float, base: int = base, size: int = sizes[path]) -> None:
+            progress.input_bytes = base + int(fraction * size)
+            if progress.listener is not None:
+                progress.listener()
         lock = FileLock(path, owner="compact")
         try:
             lock.acquire(purpose="compact")
@@ -107,12 +132,14 @@ def compact_store(
             remove_stale_temps(path)
             check_writable(path)
             recover_file(path)
-            before, after = rewrite_file(path, compression)
+            before, after = rewrite_file(path, compression, copied)
         except DamagedFileError as e:
             damaged.append(e)
             continue
         finally:
             lock.release()
+            progress.input_bytes = base + sizes[path]
+        progress.add(records=1, nbytes=after)
         yield path, before, after
     if damaged:
         if len(damaged) == 1 and not refused:
@@ -124,6 +151,13 @@ def compact_store(
         )
     if refused:
         raise StoreLockedError(" ".join(refused))
+
+
+def _size(path: Path) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
 
 
 def store_file_arg(root: Path, p: str | Path) -> Path:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TextIO
 
 from ..errors import StoreError, UsageError
+from ..observe import Progress, ProgressDisplay
 from ..timeframes import Session, Timeframe, TimeframeError, parse_timeframe
 from ..timeutil import iso, parse_time
 from .calendar import CalendarSpec, calendar_for
@@ -46,8 +47,9 @@ class UnreadableStoreError(StoreError):
 class StoreFileView:
     """The walk's view of one store file, through :class:`streambars.store.StoreReader`."""
 
-    def __init__(self, reader, infos: list, session: Session, stype: str):
+    def __init__(self, reader, infos: list, session: Session, stype: str, progress: Progress | None = None):
         first = infos[0]
+        self.progress = progress
         self.reader = reader
         self.dataset, self.symbol, self.path = first.dataset, first.symbol, str(first.path)
         self.session, self.stype = session, stype
@@ -59,7 +61,10 @@ class StoreFileView:
         return (i.rows, i.first, i.last) if i.rows else (0, 0, 0)
 
     def read(self, tf: Timeframe, start: int, end: int):
-        return self.reader.read(self.symbol, tf.name, start, end, dataset=self.dataset)
+        bars = self.reader.read(self.symbol, tf.name, start, end, dataset=self.dataset)
+        if self.progress is not None:  # live figures; the file's total is settled from its results
+            self.progress.add(records=len(bars), nbytes=bars.nbytes)
+        return bars
 
 
 def _file_contract(path: Path, settings) -> tuple[Session, str, str]:
@@ -106,8 +111,10 @@ def validate_store(
     fetcher: Fetcher | None = None,
     env_file: str | None = None,
     store: Path | str | None = None,
+    progress: Progress | None = None,
 ) -> Report:
-    """Validate a store; the report (``exit_code`` 0/1). Raises UsageError / UnreadableStoreError."""
+    """Validate a store; the report (``exit_code`` 0/1). Raises UsageError / UnreadableStoreError.
+    ``progress`` (if given) counts the rows checked and the files done."""
     from ..store import open_store
 
     root = Path(store if store is not None else settings.store.path)
@@ -169,6 +176,9 @@ def validate_store(
                 ref_error = f"--reference unavailable: {e}"
                 report.notes.append(ref_error)
 
+        if progress is not None:
+            progress.units_total = len(chosen)
+            progress.total_records = _rows_in_range(reader, groups, chosen, selected, t0, t1)
         calendars: dict[str, CalendarSpec] = {}
         for key in chosen:
             ds, sym = key
@@ -182,7 +192,8 @@ def validate_store(
             session, stype, note = _file_contract(file_infos[0].path, settings)
             if note:
                 report.notes.append(note)
-            view: FileView = StoreFileView(reader, file_infos, session, stype)
+            view: FileView = StoreFileView(reader, file_infos, session, stype, progress)
+            base = progress.records if progress is not None else 0
             tfs = None
             if selected is not None:
                 tfs = [tf for tf in selected if tf in view.timeframes]
@@ -192,10 +203,27 @@ def validate_store(
                 err = e if isinstance(e, StoreError) else StoreError(f"cannot read {file_infos[0].path}: {e}")
                 _add_unreadable(report, Path(file_infos[0].path), err)
                 continue
+            finally:
+                if progress is not None:
+                    progress.units_done += 1
             report.series += outcome.results
             report.notes += outcome.notes
+            if progress is not None:  # exactly the rows the report says were checked
+                progress.records = base + sum(r.rows for r in outcome.results)
     report.finished = datetime.now(UTC)
     return report
+
+
+def _rows_in_range(reader, groups, chosen, selected, t0, t1) -> int | None:
+    """Rows the walk will check (the ETA's basis): cheap, binary searches only."""
+    try:
+        return sum(
+            reader.count(i.symbol, i.timeframe, t0, t1, dataset=i.dataset)
+            for key in chosen for i in groups[key]
+            if selected is None or parse_timeframe(i.timeframe) in selected
+        )
+    except (OSError, StoreError):
+        return None  # said where the walk meets it; the ETA goes by files then
 
 
 def _add_unreadable(report: Report, path: Path, err: StoreError) -> None:
@@ -278,10 +306,12 @@ def run_validate(
         from ..plot import require_matplotlib
 
         require_matplotlib()
-    report = validate_store(
-        settings, dataset=dataset, symbols=symbols, timeframes=timeframes, start=start, end=end,
-        reference=reference, fetcher=fetcher, env_file=env_file,
-    )  # fmt: skip
+    progress = Progress(noun="rows", units_noun="files", count_bars=False)
+    with ProgressDisplay(progress, "validate"):
+        report = validate_store(
+            settings, dataset=dataset, symbols=symbols, timeframes=timeframes, start=start, end=end,
+            reference=reference, fetcher=fetcher, env_file=env_file, progress=progress,
+        )  # fmt: skip
     root = Path(settings.store.path)
     if report_path is None:
         stamp = report.started.strftime("%Y%m%dT%H%M%SZ")
