@@ -36,6 +36,7 @@ Turn Databento market data into validated OHLCV bars at every timeframe, stored 
 HDF5 files that analysis code can read while they are being written.
 
   streambars demo                      run the whole pipeline on the bundled sample
+  streambars check [--live]            test the API key and the connection to Databento
   streambars backfill --start ...      download history month by month into the store
   streambars run                       the live daemon (systemd Type=notify)
   streambars inspect | export | validate | compact   work with the store
@@ -101,6 +102,21 @@ def build_parser() -> argparse.ArgumentParser:
                        "store, then print the inspect table and the last 1min bars.")
     _common(p)
     p.set_defaults(handler=_cmd_demo)
+
+    p = sub.add_parser("check", help="test the API key and the connection to Databento",
+                       description="Verify the API key (DATABENTO_API_KEY from the environment or "
+                       "--env-file) against Databento's Historical API (metadata.list_datasets: "
+                       "free) and, with --live or --live-gateway, authenticate a Live session and "
+                       "close it before anything streams (no cost). Prints the datasets the key can "
+                       "use. Exit codes: 0 ok, 2 key (or dataset) refused, 1 gateway unreachable.")
+    _common(p)
+    p.add_argument("--dataset", help="dataset for the Live check (config databento.dataset)")
+    p.add_argument("--historical-gateway", metavar="URL", help="Historical API base URL")
+    p.add_argument("--live-gateway", metavar="HOST:PORT", help="also check this Live gateway")
+    p.add_argument("--live", action="store_true", help="also check Live (the configured or default gateway)")
+    p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="give up on a gateway after this long (default 5)")
+    p.set_defaults(handler=_cmd_check)
 
     p = sub.add_parser("backfill", help="download history month by month into the store",
                        description="Download Databento history (or read DBN files) month by month, "
@@ -219,6 +235,13 @@ def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from .demo import run_demo
 
     return run_demo(settings, out=sys.stdout)
+
+
+def _cmd_check(args: argparse.Namespace, settings: Settings) -> int:
+    from .check import run_check
+
+    live = args.live or args.live_gateway is not None
+    return run_check(settings, env_file=args.env_file, live=live, timeout=args.timeout, out=sys.stdout)
 
 
 def _cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:

@@ -183,6 +183,12 @@ class HistoricalSource:
 
         return self._with_retries(what, tuple(syms), call)
 
+    def list_datasets(self) -> list[str]:
+        """``metadata.list_datasets`` (free): the dataset codes the key can use. The
+        cheapest authenticated call there is, so `streambars check` tests key and network
+        with it."""
+        return [str(d) for d in self._with_retries("list datasets", (), self._client.metadata.list_datasets)]
+
     def resolve_symbols(self, dataset: str, symbols: Iterable[str], stype_in: str,
                         start: When, end: When) -> tuple[dict[str, list[dict[str, str]]], list[str]]:
         """``symbology.resolve`` (free): ({symbol: [{d0, d1, s}, ...]}, [not found symbols])."""
