@@ -40,6 +40,9 @@ HDF5 files that analysis code can read while they are being written.
   streambars backfill --start ...      download history month by month into the store
   streambars run                       the live daemon (systemd Type=notify)
   streambars inspect | export | validate | compact   work with the store
+
+Timeframes are a number and a unit: s, min (or m, as in Databento's ohlcv-1m), h, d;
+e.g. 15s, 1min = 1m, 4h, 1d. Dates: --start is inclusive, --end exclusive.
 """
 
 
@@ -69,8 +72,10 @@ def _source_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--stype-in", choices=("raw_symbol", "continuous", "parent", "instrument_id"), help="symbology"
     )
-    g.add_argument("--timeframes", help="comma-separated timeframes, e.g. 1s,1min,1h,1d")
-    g.add_argument("--session", help="daily session start, e.g. '17:00 America/Chicago'")
+    g.add_argument("--timeframes", help="comma-separated timeframes, e.g. 1s,15s,1min,1h,1d "
+                   "(1m = 1min, as in Databento's ohlcv-1m)")
+    g.add_argument("--session", help="daily session start, e.g. '17:00 America/Chicago'; default 'auto': "
+                   "by dataset (GLBX.MDP3 17:00 America/Chicago, US equities 00:00 America/New_York, ...)")
 
 
 _FLAG_TO_KEY = {

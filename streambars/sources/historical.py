@@ -205,7 +205,12 @@ class HistoricalSource:
             out = self._with_retries(what, tuple(syms), call)
         except UnknownSymbolError as err:
             return {}, list(err.symbols)
-        return dict(out.get("result", {})), list(out.get("not_found", []))
+        # The client upper-cases raw symbols before sending them ('ES.c.0' -> 'ES.C.0'): name
+        # what was not found as the caller spelled it.
+        spelled = {s.upper(): s for s in syms}
+        not_found = [spelled.get(str(x).upper(), str(x)) if str(x) not in syms else str(x)
+                     for x in out.get("not_found", [])]
+        return dict(out.get("result", {})), not_found
 
     def raw_symbols(self, dataset: str, instrument_ids: Iterable[int], start: When, end: When) -> dict[int, str]:
         """instrument_id -> raw symbol over a range (the last mapping of each wins)."""
