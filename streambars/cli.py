@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="re-download months already archived")
     p.add_argument("--from-dbn", nargs="+", metavar="PATH", help="ingest DBN files instead (no API key); a directory means the "
                    "*.dbn / *.dbn.zst files directly in it")
-    g = p.add_argument_group("scale-out (pip install 'streambars[cluster]'; see docs/cluster.md)")
+    g = p.add_argument_group("scale-out (pip install '.[cluster]'; see docs/cluster.md)")
     x = g.add_mutually_exclusive_group()
     x.add_argument("--scheduler", metavar="ADDRESS", help="run the symbols on an existing Dask cluster, "
                    "e.g. tcp://10.0.0.5:8786 (config cluster.scheduler); the store must be on a "
