@@ -78,7 +78,7 @@ def settle_session(settings: Settings, dataset: str) -> Settings:
     when every dataset defaulted to 17:00 America/Chicago keeps working unchanged."""
     if not settings.session_pending:
         return settings
-    from .store.layout import recorded_sessions
+    from .store.salvage import recorded_sessions
     from .timeframes import Session, default_session
 
     session = default_session(dataset)
