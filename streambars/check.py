@@ -159,7 +159,8 @@ def run_check(settings: Settings, *, env_file: str | None, live: bool,
         results.append(r)
         log.info("check", check=name, target=target, ok=r.ok, seconds=round(r.seconds, 3))
         status = "ok" if r.ok else "FAILED"
-        print(f"{name:<10}  {status:<6}  {r.seconds:6.2f} s  {target}: {detail}", file=out, flush=True)
+        where = "" if target in detail else f"{target}: "
+        print(f"{name:<10}  {status:<6}  {r.seconds:6.2f} s  {where}{detail}", file=out, flush=True)
 
     def historical() -> str:
         names = check_historical(key, db.historical_gateway, timeout)

@@ -108,6 +108,20 @@ def test_live_unreachable_exits_1(fake_historical, api_key, capsys, monkeypatch)
     assert f"127.0.0.1:{port}" in err and "FAILED" in out
 
 
+def test_silent_gateway_is_given_up_after_the_timeout(fake_historical, api_key, capsys, monkeypatch):
+    """A gateway that accepts the connection and never answers (the Live client would wait
+    10 s + 30 s): unreachable, exit 1, after --timeout."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        gateway = f"127.0.0.1:{silent.getsockname()[1]}"
+        code, out, err = _check(capsys, monkeypatch, api_key, "--historical-gateway", fake_historical.url,
+                                "--live-gateway", gateway, "--timeout", "1")
+    assert code == 1
+    assert f"live gateway {gateway}: no answer within 1 s" in err
+    assert out.count(gateway) == 1  # the check's line names it once
+
+
 def test_cli_refused_one_line_no_traceback(fake_historical):
     """The entry point as a user runs it: one line, exit 2, no traceback, no secret."""
     env = {**os.environ, **fake_historical.env, "DATABENTO_API_KEY": WRONG_KEY}
