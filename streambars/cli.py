@@ -163,21 +163,37 @@ def build_parser() -> argparse.ArgumentParser:
                        description="List datasets, symbols and timeframes in the store with rows, "
                        "first and last bar and file size.")
     _common(p)
+    p.add_argument("--symbol", action="append", dest="symbols_sel", metavar="PATTERN",
+                   help="only these symbols: a name or glob ('ES*'); repeatable or a comma list")
+    p.add_argument("--timeframe", action="append", dest="timeframes_sel", metavar="PATTERN",
+                   help="only these timeframes (e.g. 1min, '*s'); repeatable or a comma list")
+    p.add_argument("--json", action="store_true", help="one JSON document on stdout instead of the table")
     p.set_defaults(handler=_cmd_inspect)
 
     p = sub.add_parser("export", help="write bars to CSV or Parquet",
-                       description="Export one symbol's bars of one timeframe to CSV (ISO-8601 UTC "
-                       "timestamps, decimal prices) or Parquet.")
+                       description="Export bars of one or more symbols and timeframes to CSV (ISO-8601 "
+                       "timestamps, decimal prices), gzipped CSV or Parquet: to one file, to stdout "
+                       "(--out -), to a directory, or as a tree of per-month files (--layout).")
     _common(p)
     p.add_argument("--dataset", help="dataset (needed when the store holds several)")
-    p.add_argument("--symbol", required=True)
-    p.add_argument("--timeframe", required=True)
-    p.add_argument("--start")
-    p.add_argument("--end")
-    p.add_argument("--format", choices=("csv", "parquet"), default="csv")
+    p.add_argument("--symbol", action="append", required=True, metavar="S",
+                   help="symbol(s): repeatable or a comma list; 'all' for every symbol")
+    p.add_argument("--timeframe", action="append", required=True, metavar="TF",
+                   help="timeframe(s), e.g. 15s,30s,1min: repeatable or a comma list; 'all' for every one stored")
+    p.add_argument("--start", help="first bar (inclusive; ISO-8601, UTC unless --tz or an offset)")
+    p.add_argument("--end", help="end (exclusive)")
+    p.add_argument("--format", metavar="{csv,csv.gz,parquet}",
+                   help="default: from the --out (or --layout) suffix .csv, .csv.gz, .parquet")
+    p.add_argument("--layout", metavar="TEMPLATE",
+                   help="files under --out by template with {DATASET} {SYMBOL} {TF} {YYYY} {MM} {DD}, one file "
+                   "per series and period; presets: symbol-month = {SYMBOL}/{SYMBOL}_{YYYY}_{MM}.csv, "
+                   "timeframe-month = {TF}/{SYMBOL}_{YYYY}_{MM}_{TF}.csv")
     p.add_argument("--split", choices=("none", "monthly"), default="none",
-                   help="monthly: one <SYMBOL>_<YYYY>_<MM>_<tf>.csv per month into --out (a directory)")
-    p.add_argument("--out", required=True, metavar="PATH")
+                   help="monthly: the layout {SYMBOL}_{YYYY}_{MM}_{TF}.csv")
+    p.add_argument("--tz", metavar="ZONE",
+                   help="write times in this zone (e.g. America/New_York) and cut periods there (default UTC)")
+    p.add_argument("--out", required=True, metavar="PATH",
+                   help="a file, - for CSV on stdout, or a directory (existing or ending in /)")
     p.set_defaults(handler=_cmd_export)
 
     p = sub.add_parser("validate", help="check a store against every rule",
@@ -293,11 +309,26 @@ def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     return run_daemon(settings, env_file=args.env_file)
 
 
+def _split_list(values: Sequence[str] | None) -> list[str]:
+    """Repeated flags and comma lists -> one list."""
+    return [v.strip() for item in values or [] for v in item.split(",") if v.strip()]
+
+
 def _cmd_inspect(args: argparse.Namespace, settings: Settings) -> int:
+    import json
+
+    from .errors import UsageError
     from .store import inspect_store
 
-    rows = inspect_store(settings.store.path)
-    print(format_table(rows))
+    symbols, timeframes = _split_list(args.symbols_sel), _split_list(args.timeframes_sel)
+    rows = inspect_store(settings.store.path, symbols or None, timeframes or None, machine=args.json)
+    if not rows and (symbols or timeframes):
+        raise UsageError(f"nothing in {settings.store.path} matches --symbol {','.join(symbols) or '*'} "
+                         f"--timeframe {','.join(timeframes) or '*'} (see `streambars inspect`)")
+    if args.json:
+        print(json.dumps({"store": str(settings.store.path), "series": rows}, indent=1))
+    else:
+        print(format_table(rows))
     bad = [r for r in rows if r.get("status", "ok") != "ok"]
     if bad:  # damaged (or unreadable) files are bad input: named in the table, exit 2
         print(f"streambars: {len(bad)} file(s) in {settings.store.path} cannot be read (see status)", file=sys.stderr)
@@ -306,21 +337,24 @@ def _cmd_inspect(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
-    from .export import export_bars
+    from .export import STDOUT, export_bars
 
     written = export_bars(
         settings.store.path,
-        symbol=args.symbol,
-        timeframe=args.timeframe,
+        symbol=_split_list(args.symbol),
+        timeframe=_split_list(args.timeframe),
         dataset=args.dataset,
         start=args.start,
         end=args.end,
         fmt=args.format,
         split=args.split,
+        layout=args.layout,
+        tz=args.tz,
         out=args.out,
     )
+    report = sys.stderr if args.out == STDOUT else sys.stdout  # stdout carries the CSV alone
     for path, rows in written:
-        print(f"{path}\t{rows} rows")
+        print(f"{path}\t{rows} rows", file=report)
     return EXIT_OK
 
 

@@ -24,10 +24,11 @@ FIRST_DAY = datetime(1970, 1, 1, tzinfo=UTC)
 LAST_DAY = datetime(2262, 4, 1, tzinfo=UTC)
 
 
-def to_ns(value: Any, what: str = "time") -> int | None:
+def to_ns(value: Any, what: str = "time", tz: str | None = None) -> int | None:
     """ISO string / datetime / date / pandas.Timestamp / numpy datetime64 / int ns -> int ns UTC.
 
-    Naive times are UTC. None stays None."""
+    Naive times are UTC, or wall-clock times in ``tz`` when given (a time that does not
+    exist or exists twice there, at a daylight-saving change, is refused). None stays None."""
     if value is None:
         return None
     if isinstance(value, bool):
@@ -45,6 +46,13 @@ def to_ns(value: Any, what: str = "time") -> int | None:
         ) from e
     if ts is pd.NaT:
         raise UsageError(f"{what} {value!r} is not a time")
+    if ts.tzinfo is None and tz is not None:
+        try:
+            ts = ts.tz_localize(tz)
+        except Exception as e:  # noqa: BLE001 - pytz's NonExistent/AmbiguousTimeError, not ValueErrors
+            raise UsageError(
+                f"{what} {value!r} is not one time in {tz} ({e}): add a UTC offset, e.g. 2024-03-10T03:30-04:00"
+            ) from None
     ts = ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
     return int(ts.value)
 

@@ -287,7 +287,7 @@ def test_series_inspect_and_errors_name_what_exists(tmp_path):
         w.append({"1s": stepped(1, 0, 100), "1min": stepped(60, 0, 2)})
     writer(tmp_path, "ES.c.0").close()
     with open_store(tmp_path) as r:
-        info = {(s.symbol, s.timeframe): s for s in r.series()}
+        info = {(s.symbol, s.timeframe): s for s in r.series(raw=True)}
         s = info[("BRN FMJ0024!", "1s")]
         assert (s.dataset, s.rows, s.first, s.last) == ("GLBX.MDP3", 100, T0, T0 + 99 * SEC)
         assert s.file_size == os.path.getsize(s.path)

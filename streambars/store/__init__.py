@@ -7,12 +7,14 @@ Modules, one job each:
 * ``recovery`` -- repairing a file whose writer was killed (superblock, rows, marks, index)
 * ``writer``   -- :class:`BarFileWriter` (one file) and :class:`StoreWriterSet` (routing)
 * ``reader``   -- :func:`open_store` / :class:`StoreReader`, :func:`inspect_store`
+* ``frames``   -- stored rows -> pandas / polars frames and times, UTC or a chosen zone
 * ``compact``  -- :func:`compact_store`: rewrite closed files compressed, atomically
 """
 
 from __future__ import annotations
 
 from .compact import compact_store, rewrite_file
+from .frames import bars_to_frame
 from .layout import (
     FORMAT_VERSION,
     LIBVER,
@@ -25,7 +27,6 @@ from .lock import FileLock, is_locked
 from .reader import (
     SeriesInfo,
     StoreReader,
-    bars_to_frame,
     inspect_store,
     ns_to_iso,
     open_store,

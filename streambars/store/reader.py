@@ -13,8 +13,8 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
 from datetime import date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any
 import h5py
 import numpy as np
 
-from ..errors import DamagedFileError, FileBusyError, StoreError
-from ..records import FIXED_PRICE_SCALE
+from ..errors import DamagedFileError, FileBusyError, StoreError, UsageError
 from ..timeframes import Timeframe
 from ..timeutil import iso, to_ns
+from .frames import Engine, bars_to_frame, check_engine, check_tz, ns_to_time
 from .layout import BARS, INDEX, filename_to_symbol, store_files, timeframe_name
 from .lock import is_locked
 from .probe import (
@@ -45,7 +45,6 @@ if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
 TimeLike = str | int | datetime | date | np.datetime64 | None
-PRICE_FIELDS = ("open", "high", "low", "close")
 
 #: How long a read waits for a file a writer is creating or opening (not yet in SWMR mode).
 BUSY_WAIT_S = 2.0
@@ -59,14 +58,16 @@ def ns_to_iso(ns: int | None) -> str:
 
 @dataclass(frozen=True)
 class SeriesInfo:
-    """One (dataset, symbol, timeframe) in the store."""
+    """One (dataset, symbol, timeframe) in the store. ``first``/``last``: ts_event of the
+    first and last bar as a tz-aware pandas.Timestamp (None without rows), or int ns from
+    ``series(raw=True)``."""
 
     dataset: str
     symbol: str
     timeframe: str
     rows: int
-    first: int | None  # ts_event of the first bar, ns
-    last: int | None
+    first: Any  # pd.Timestamp | int | None
+    last: Any
     file_size: int
     path: Path
 
@@ -371,12 +372,18 @@ class StoreReader:
 
     # -- what is there -------------------------------------------------------------------
 
-    def series(self, skip_unreadable: bool = False) -> list[SeriesInfo]:
+    def series(self, skip_unreadable: bool = False, *, raw: bool = False, tz: str | None = None) -> list[SeriesInfo]:
         """Every (dataset, symbol, timeframe) with rows, first and last bar, file size.
 
+        ``first``/``last`` are tz-aware pandas Timestamps in UTC (or ``tz``), comparable
+        with ``read_df``'s index; ``raw=True`` gives int ns as stored (what the tools use).
         Raises the StoreError of the first file that cannot be read (after waiting briefly
         for a writer that is opening one), unless ``skip_unreadable``: then see
         :meth:`problems`."""
+        if not raw:
+            check_tz(tz)
+            infos = self.series(skip_unreadable, raw=True)
+            return [replace(s, first=ns_to_time(s.first, tz), last=ns_to_time(s.last, tz)) for s in infos]
         self.refresh()
         if self._problems and not skip_unreadable:
             self._wait_busy(list(self._problems))
@@ -405,6 +412,17 @@ class StoreReader:
 
     def datasets(self) -> list[str]:
         return sorted({d for d, _ in self._names()})
+
+    def pairs(self, dataset: str | None = None) -> list[tuple[str, str]]:
+        """(dataset, symbol) of every file (of ``dataset``), including files that cannot be
+        opened right now, sorted."""
+        self.refresh()
+        return sorted({(d, s) for d, s in self._names() if dataset in (None, d)})
+
+    def locate(self, symbol: str, dataset: str | None = None) -> str:
+        """The dataset holding ``symbol``; a StoreError naming what exists when it is absent,
+        damaged, or in several datasets (then pass ``dataset``)."""
+        return self._file(symbol, dataset).dataset
 
     def timeframes(self, symbol: str, dataset: str | None = None) -> list[str]:
         return self._file(symbol, dataset).timeframes()
@@ -477,14 +495,23 @@ class StoreReader:
         end: TimeLike = None,
         dataset: str | None = None,
         limit: int | None = None,
+        tz: str | None = None,
     ) -> np.ndarray:
-        """Bars with start <= ts_event < end as a BAR_DTYPE array (prices int64, 1e-9 units);
-        at most ``limit`` rows (the first ones) when given."""
+        """Bars with start <= ts_event < end as a BAR_DTYPE array (prices int64, 1e-9 units,
+        ts_event int ns UTC). ``limit=N``: only the first N of them; ``limit=-N``: only the
+        last N (as ``rows[-N:]``, reading only those rows). ``tz``: the zone of naive
+        ``start``/``end`` (default UTC)."""
+        if tz is not None:
+            check_tz(tz)
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int | np.integer)):
+            raise UsageError(f"limit {limit!r} is not a whole number (N: the first N bars, -N: the last N)")
         for attempt in _LIVE_RETRIES:
             try:
-                fh, tf, t0, t1, lo, hi, io = self._range(symbol, timeframe, start, end, dataset)
-                if limit is not None:
-                    hi = min(hi, lo + max(0, int(limit)))
+                fh, tf, t0, t1, lo, hi, io = self._range(symbol, timeframe, start, end, dataset, tz)
+                if limit is not None and limit >= 0:
+                    hi = min(hi, lo + int(limit))
+                elif limit is not None:
+                    lo = max(lo, hi + int(limit))
                 with fh.guard(f"{BARS}/{tf} rows {lo}..{hi}"):
                     rows = io.read(lo, hi)
                 _check_read(fh, tf, rows, lo, t0, t1, self.strict_order)
@@ -497,9 +524,10 @@ class StoreReader:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _range(
-        self, symbol: str, timeframe: str | Timeframe, start: TimeLike, end: TimeLike, dataset: str | None
+        self, symbol: str, timeframe: str | Timeframe, start: TimeLike, end: TimeLike, dataset: str | None,
+        tz: str | None = None,
     ) -> tuple[_File, str, int | None, int | None, int, int, RowIO]:
-        t0, t1 = to_ns(start, "start"), to_ns(end, "end")
+        t0, t1 = to_ns(start, "start", tz), to_ns(end, "end", tz)
         fh = self._file(symbol, dataset)
         tf = timeframe_name(timeframe)
         with fh.guard(f"/{BARS}"):
@@ -517,9 +545,9 @@ class StoreReader:
         return fh, tf, t0, t1, lo, max(lo, hi), io
 
     def count(self, symbol: str, timeframe: str | Timeframe, start: TimeLike = None,
-              end: TimeLike = None, dataset: str | None = None) -> int:
+              end: TimeLike = None, dataset: str | None = None, tz: str | None = None) -> int:
         """How many bars :meth:`read` would return (without reading them)."""
-        _, _, _, _, lo, hi, _ = self._range(symbol, timeframe, start, end, dataset)
+        _, _, _, _, lo, hi, _ = self._range(symbol, timeframe, start, end, dataset, tz)
         return hi - lo
 
     def read_df(
@@ -529,9 +557,36 @@ class StoreReader:
         start: TimeLike = None,
         end: TimeLike = None,
         dataset: str | None = None,
-    ) -> pd.DataFrame:
-        """The same bars as a DataFrame: UTC DatetimeIndex ``ts_event``, float prices."""
-        return bars_to_frame(self.read(symbol, timeframe, start, end, dataset))
+        limit: int | None = None,
+        tz: str | None = None,
+        engine: Engine = "pandas",
+    ) -> pd.DataFrame | Any:
+        """The same bars as a frame with float prices. pandas (default): a tz-aware
+        DatetimeIndex ``ts_event`` in UTC, or in ``tz`` (which is also the zone of naive
+        ``start``/``end``). ``engine="polars"``: a polars DataFrame, ``ts_event`` a column."""
+        check_engine(engine)
+        return bars_to_frame(self.read(symbol, timeframe, start, end, dataset, limit, tz), tz, engine)
+
+    def tail(
+        self,
+        symbol: str,
+        timeframe: str | Timeframe,
+        n: int = 10,
+        dataset: str | None = None,
+        *,
+        end: TimeLike = None,
+        tz: str | None = None,
+        engine: Engine = "pandas",
+        raw: bool = False,
+    ) -> pd.DataFrame | Any:
+        """The last ``n`` bars (before ``end`` when given) as :meth:`read_df` gives them, or
+        the stored rows with ``raw=True``. Reads only those rows, so it is cheap to poll
+        while a writer appends (each call sees the rows flushed so far)."""
+        if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 0:
+            raise UsageError(f"tail n {n!r} is not a whole number >= 0")
+        check_engine(engine)
+        rows = self.read(symbol, timeframe, None, end, dataset, limit=-int(n), tz=tz)
+        return rows if raw else bars_to_frame(rows, tz, engine)
 
     # -- lifetime ------------------------------------------------------------------------
 
@@ -601,36 +656,35 @@ def _check_read(
         raise DamagedFileError(fh.path, f"{BARS}/{tf}: the chunk index does not match the rows")
 
 
-def bars_to_frame(bars: np.ndarray) -> pd.DataFrame:
-    """BAR_DTYPE rows -> DataFrame with a UTC DatetimeIndex and prices / 1e9 as float64."""
-    import pandas as pd
-
-    index = pd.DatetimeIndex(bars["ts_event"].astype("datetime64[ns]"), name="ts_event").tz_localize("UTC")
-    cols: dict[str, np.ndarray] = {f: bars[f] / FIXED_PRICE_SCALE for f in PRICE_FIELDS}
-    cols["volume"] = bars["volume"].copy()
-    cols["count"] = bars["count"].copy()
-    return pd.DataFrame(cols, index=index)
-
-
 def open_store(path: Path | str) -> StoreReader:
     """Open a store root, a dataset directory or one ``.h5`` file for reading."""
     return StoreReader(path)
 
 
-def inspect_store(root: Path | str) -> list[dict[str, Any]]:
+def inspect_store(
+    root: Path | str,
+    symbols: Sequence[str] | None = None,
+    timeframes: Sequence[str] | None = None,
+    machine: bool = False,
+) -> list[dict[str, Any]]:
     """One row per (dataset, symbol, timeframe): rows, first and last bar, file size, writer,
     status. Every file is checked whole (every object header, chunk address, first and last
     rows): a file that cannot be read gets one row whose status says why ("damaged: ..."),
-    and the rest of the store is listed as usual."""
+    and the rest of the store is listed as usual.
+
+    ``symbols``/``timeframes``: keep only rows matching one of these glob patterns
+    (case-sensitive, ``ES*``); a file that cannot be read is kept when its symbol matches.
+    ``machine``: values for JSON (int rows and bytes, first/last ISO and ns, None for
+    unknown) instead of the table's text."""
     with StoreReader(root) as reader:
         reader.check()
-        infos = reader.series(skip_unreadable=True)
+        infos = reader.series(skip_unreadable=True, raw=True)
         out = []
         for s in infos:
-            if s.path in reader._problems:
+            if s.path in reader._problems or not _selected(s.symbol, s.timeframe, symbols, timeframes):
                 continue
             holder = is_locked(s.path)
-            out.append({
+            row: dict[str, Any] = {
                 "dataset": s.dataset,
                 "symbol": s.symbol,
                 "timeframe": s.timeframe,
@@ -640,17 +694,38 @@ def inspect_store(root: Path | str) -> list[dict[str, Any]]:
                 "file_size": _human(s.file_size),
                 "writer": f"pid {holder.get('pid')}" if holder else "-",
                 "status": "ok",
-            })
+            }
+            if machine:
+                row.update(first=ns_to_iso(s.first) or None, last=ns_to_iso(s.last) or None,
+                           first_ns=s.first, last_ns=s.last, file_size=s.file_size,
+                           writer=holder.get("pid") if holder else None, path=str(s.path))
+            out.append(row)
         for path, err in sorted(reader.problems().items()):
             dataset, symbol = _name_of(path)
+            if not _selected(symbol, None, symbols, timeframes):
+                continue
             holder = is_locked(path)
-            out.append({
+            row = {
                 "dataset": dataset, "symbol": symbol, "timeframe": "-", "rows": "-", "first": "-",
                 "last": "-", "file_size": _human(_size(path)),
                 "writer": f"pid {holder.get('pid')}" if holder else "-",
                 "status": problem_text(err),
-            })  # fmt: skip
+            }  # fmt: skip
+            if machine:
+                row.update(timeframe=None, rows=None, first=None, last=None, first_ns=None, last_ns=None,
+                           file_size=_size(path), writer=holder.get("pid") if holder else None, path=str(path))
+            out.append(row)
         return sorted(out, key=lambda r: (r["dataset"], r["symbol"], _tf_seconds(str(r["timeframe"]))))
+
+
+def _selected(symbol: str, tf: str | None, symbols: Sequence[str] | None, timeframes: Sequence[str] | None) -> bool:
+    """``symbol``/``tf`` match one of the glob patterns (no patterns: everything; tf None:
+    a file that cannot be read, whose timeframes are unknown)."""
+    from fnmatch import fnmatchcase
+
+    if symbols and not any(fnmatchcase(symbol, p) for p in symbols):
+        return False
+    return not (timeframes and tf is not None and not any(fnmatchcase(tf, p) for p in timeframes))
 
 
 def problem_text(err: StoreError) -> str:

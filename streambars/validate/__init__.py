@@ -144,7 +144,7 @@ def validate_store(
     with reader:
         try:
             reader.check()
-            infos = reader.series(skip_unreadable=True)
+            infos = reader.series(skip_unreadable=True, raw=True)
         except (OSError, StoreError) as e:
             raise UnreadableStoreError(f"cannot read {root}: {e}") from None
         problems = reader.problems()
