@@ -52,7 +52,11 @@ def test_unit_file_installs_as_the_readme_says():
     readme = _install_lines(README)
     assert unit and all(line in readme for line in unit), set(unit) - set(readme)
     assert any("pip install ." in line for line in unit)  # from a checkout: not on PyPI
-    assert not re.search(r"pip install '?streambars", README + (REPO / "docs" / "cluster.md").read_text())
+    # Nowhere (docs, config, messages) tells anyone to install streambars from PyPI.
+    for path in [REPO / "README.md", *(REPO / "docs").glob("*.md"), *(REPO / "config").iterdir(),
+                 *(REPO / "streambars").rglob("*.py")]:
+        if path.is_file():
+            assert not re.search(r"pip install '?streambars", path.read_text()), path
 
 
 def test_readme_backfill_example_config_writes_where_the_user_can():
