@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from datetime import date
 from pathlib import Path
 
@@ -111,15 +112,37 @@ def test_live_unreachable_exits_1(fake_historical, api_key, capsys, monkeypatch)
 def test_silent_gateway_is_given_up_after_the_timeout(fake_historical, api_key, capsys, monkeypatch):
     """A gateway that accepts the connection and never answers (the Live client would wait
     10 s + 30 s): unreachable, exit 1, after --timeout."""
-    with socket.socket() as silent:
-        silent.bind(("127.0.0.1", 0))
-        silent.listen()
-        gateway = f"127.0.0.1:{silent.getsockname()[1]}"
-        code, out, err = _check(capsys, monkeypatch, api_key, "--historical-gateway", fake_historical.url,
-                                "--live-gateway", gateway, "--timeout", "1")
+    release = threading.Event()
+
+    def silent(server: socket.socket) -> None:
+        conn, _ = server.accept()
+        with conn:
+            release.wait(30)
+            # Only now greet and refuse, so the client's abandoned connect ends (no thread is
+            # left behind for the rest of the session).
+            conn.sendall(b"lsg_version=0\ncram=x\n")
+            conn.recv(4096)
+            conn.sendall(b"success=0|error=test over\n")
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        gateway = f"127.0.0.1:{server.getsockname()[1]}"
+        t = threading.Thread(target=silent, args=(server,), daemon=True)
+        t.start()
+        try:
+            code, out, err = _check(capsys, monkeypatch, api_key, "--historical-gateway", fake_historical.url,
+                                    "--live-gateway", gateway, "--timeout", "1")
+        finally:
+            release.set()
+            t.join(10)
     assert code == 1
     assert f"live gateway {gateway}: no answer within 1 s" in err
     assert out.count(gateway) == 1  # the check's line names it once
+    abandoned = [x for x in threading.enumerate() if x.name.startswith("check-")]
+    for x in abandoned:
+        x.join(10)
+    assert not any(x.is_alive() for x in abandoned)
 
 
 def test_cli_refused_one_line_no_traceback(fake_historical):
