@@ -47,7 +47,7 @@ import numpy as np
 import zstandard
 
 from . import archive
-from .config import Settings, check_timeframes_fit, load_api_key
+from .config import Settings, check_timeframes_fit, load_api_key, stype_hint
 from .engine import Aggregator
 from .engine.kernel import S_LAST
 from .errors import CostLimitError, Interrupted, UsageError
@@ -66,6 +66,7 @@ from .pipeline import (
     make_engine,
     make_writers,
     run_pipeline,
+    settle_session,
     unwrapped,
 )
 from .records import INPUT_INTERVAL_NS, INPUT_KINDS, RecordBatch, SeriesRegistry
@@ -75,7 +76,7 @@ from .sources.dbnfile import PUBLISHER_SEPARATOR, base_symbol
 from .sources.historical import UnknownSymbolError
 from .store import StoreWriterSet
 from .store.layout import file_path, filename_to_symbol, store_files
-from .timeutil import NS, iso, parse_day
+from .timeutil import NS, inclusive_days, iso, parse_day
 
 log = get_logger("streambars.backfill")
 
@@ -357,6 +358,7 @@ def plan_historical(settings: Settings, options: BackfillOptions,
     if not options.start or not options.end:
         raise UsageError("backfill needs --start and --end (or --from-dbn PATH...)")
     start, end = parse_day(options.start, "start"), parse_day(options.end, "end")
+    settings = settle_session(settings, db.dataset)
     chunks = plan_chunks(db.symbols, start, end)
     root = settings.store.path
     raw = _raw_root(settings, db.dataset)
@@ -393,6 +395,7 @@ def plan_historical(settings: Settings, options: BackfillOptions,
         + (f"; {len(rebuild)} file(s) to rebuild with earlier history: {', '.join(rebuild)}" if rebuild else ""),
         file=out,
     )
+    print(f"dates: {inclusive_days(start, end, options.end)}", file=out)
     client = None
     if need:
         client = historical_client(settings, options.env_file)
@@ -402,10 +405,10 @@ def plan_historical(settings: Settings, options: BackfillOptions,
             db.dataset, sorted({next(iter(i.spans)) for i in need}), db.stype_in, start, end
         )
         if not_found:
+            hint = stype_hint(not_found, db.stype_in) or "check --symbols, --stype-in and --dataset"
             raise UnknownSymbolError(
                 f"{db.dataset} ({db.stype_in}) has no symbol {', '.join(sorted(not_found))} "
-                f"between {start:%Y-%m-%d} and {end:%Y-%m-%d}; check --symbols, --stype-in "
-                "and --dataset",
+                f"between {start:%Y-%m-%d} and {end:%Y-%m-%d}; {hint}",
                 tuple(not_found),
             )
         cost = _cost(client, db, items, need)
@@ -937,6 +940,7 @@ def plan_dbn_files(
     assert schema is not None
     stype = infos[0].stype_in or settings.databento.stype_in
     settings = replace(settings, databento=replace(settings.databento, dataset=dataset, schema=schema))
+    settings = settle_session(settings, dataset)  # the files' dataset, not the configured one
     check_timeframes_fit(schema, settings.bars.timeframes)
     declared_end = int(parse_day(end, "end").timestamp()) * NS if end else None
     clock = settings.bars.trade_clock

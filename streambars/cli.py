@@ -36,10 +36,14 @@ Turn Databento market data into validated OHLCV bars at every timeframe, stored 
 HDF5 files that analysis code can read while they are being written.
 
   streambars demo                      run the whole pipeline on the bundled sample
+  streambars check [--live]            test the API key and the connection to Databento
   streambars backfill --start ...      download history month by month into the store
   streambars run                       the live daemon (systemd Type=notify)
   streambars inspect | export | validate | compact   work with the store
   streambars plot --symbol ... --out x.png   candlesticks with volume
+
+Timeframes are a number and a unit: s, min (or m, as in Databento's ohlcv-1m), h, d;
+e.g. 15s, 1min = 1m, 4h, 1d. Dates: --start is inclusive, --end exclusive.
 """
 
 
@@ -69,8 +73,10 @@ def _source_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--stype-in", choices=("raw_symbol", "continuous", "parent", "instrument_id"), help="symbology"
     )
-    g.add_argument("--timeframes", help="comma-separated timeframes, e.g. 1s,1min,1h,1d")
-    g.add_argument("--session", help="daily session start, e.g. '17:00 America/Chicago'")
+    g.add_argument("--timeframes", help="comma-separated timeframes, e.g. 1s,15s,1min,1h,1d "
+                   "(1m = 1min, as in Databento's ohlcv-1m)")
+    g.add_argument("--session", help="daily session start, e.g. '17:00 America/Chicago'; default 'auto': "
+                   "by dataset (GLBX.MDP3 17:00 America/Chicago, US equities 00:00 America/New_York, ...)")
 
 
 _FLAG_TO_KEY = {
@@ -103,6 +109,21 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(handler=_cmd_demo)
 
+    p = sub.add_parser("check", help="test the API key and the connection to Databento",
+                       description="Verify the API key (DATABENTO_API_KEY from the environment or "
+                       "--env-file) against Databento's Historical API (metadata.list_datasets: "
+                       "free) and, with --live or --live-gateway, authenticate a Live session and "
+                       "close it before anything streams (no cost). Prints the datasets the key can "
+                       "use. Exit codes: 0 ok, 2 key (or dataset) refused, 1 gateway unreachable.")
+    _common(p)
+    p.add_argument("--dataset", help="dataset for the Live check (config databento.dataset)")
+    p.add_argument("--historical-gateway", metavar="URL", help="Historical API base URL")
+    p.add_argument("--live-gateway", metavar="HOST:PORT", help="also check this Live gateway")
+    p.add_argument("--live", action="store_true", help="also check Live (the configured or default gateway)")
+    p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="give up on a gateway after this long (default 5)")
+    p.set_defaults(handler=_cmd_check)
+
     p = sub.add_parser("backfill", help="download history month by month into the store",
                        description="Download Databento history (or read DBN files) month by month, "
                        "aggregate every timeframe in one pass and append to the store. Resume-safe: "
@@ -119,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="re-download months already archived")
     p.add_argument("--from-dbn", nargs="+", metavar="PATH", help="ingest DBN files instead (no API key); a directory means the "
                    "*.dbn / *.dbn.zst files directly in it")
-    g = p.add_argument_group("scale-out (pip install 'streambars[cluster]'; see docs/cluster.md)")
+    g = p.add_argument_group("scale-out (pip install '.[cluster]'; see docs/cluster.md)")
     x = g.add_mutually_exclusive_group()
     x.add_argument("--scheduler", metavar="ADDRESS", help="run the symbols on an existing Dask cluster, "
                    "e.g. tcp://10.0.0.5:8786 (config cluster.scheduler); the store must be on a "
@@ -255,6 +276,13 @@ def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from .demo import run_demo
 
     return run_demo(settings, out=sys.stdout)
+
+
+def _cmd_check(args: argparse.Namespace, settings: Settings) -> int:
+    from .check import run_check
+
+    live = args.live or args.live_gateway is not None
+    return run_check(settings, env_file=args.env_file, live=live, timeout=args.timeout, out=sys.stdout)
 
 
 def _cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:

@@ -49,7 +49,7 @@ from .observe import LOG_EVERY_S, Progress, ProgressDisplay, configure_logging, 
 
 log = get_logger("streambars.cluster")
 
-EXTRA = "pip install 'streambars[cluster]'"
+EXTRA = "pip install '.[cluster]' in a checkout of streambars (it is not on PyPI)"
 #: How long Ctrl-C waits for running tasks to stop at a batch boundary before cancelling.
 STOP_WAIT_S = 60.0
 #: A local cluster's workers run long CPU-bound tasks that allocate and free large arrays.

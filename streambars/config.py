@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import tomllib
-from dataclasses import dataclass, field, fields
+from collections.abc import Iterable
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from .timeframes import (
     Session,
     Timeframe,
     TimeframeError,
+    default_session,
     parse_timeframe,
     parse_timeframes,
 )
@@ -49,6 +52,8 @@ class BarSettings:
     timeframes: tuple[Timeframe, ...] = field(
         default_factory=lambda: parse_timeframes(list(STANDARD_TIMEFRAMES))
     )
+    #: Where daily bars start. Not configured: the dataset's default (timeframes.SESSION_DEFAULTS),
+    #: or the session the store's files of that dataset were built with (see Settings.session_pending).
     session: Session = field(default_factory=lambda: Session.parse("17:00 America/Chicago"))
     #: Which timestamp of a trade picks its bar: "ts_recv" (Databento's own OHLCV is built
     #: that way, and DBN trades files are ordered and cut by it) or "ts_event" (the matching
@@ -121,6 +126,10 @@ class Settings:
     logging: LogSettings = field(default_factory=LogSettings)
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
     source_path: Path | None = None
+    #: bars.session was not configured: it holds the configured dataset's default for now, and
+    #: pipeline.settle_session decides it for the dataset actually written (a --from-dbn file
+    #: names its own), keeping the session a store's existing files were built with.
+    session_pending: bool = False
 
 
 _SECTIONS = {
@@ -212,7 +221,7 @@ def _convert(key: str, value: Any) -> Any:  # noqa: C901 - one flat table of key
                 raise ConfigError(key, value, str(e)) from None
         case "bars.session":
             try:
-                return Session.parse(_expect(key, value, str, "'HH:MM Zone/Name'"))
+                return Session.parse(_expect(key, value, str, "'HH:MM Zone/Name', or 'auto'"))
             except ValueError as e:
                 raise ConfigError(key, value, str(e)) from None
         case "bars.per_publisher":
@@ -347,8 +356,14 @@ def load_settings(
             raise ConfigError(
                 f"{section}.api_key", "<hidden>", f"nothing: the API key comes only from {API_KEY_ENV}"
             )
+    bars = raw.get("bars", {})
+    pending = str(bars.get("session", "auto")).strip().lower() == "auto"
+    if pending:  # not configured, or "auto": the dataset decides (timeframes.SESSION_DEFAULTS)
+        bars.pop("session", None)
     built = {name: _build_section(name, raw.get(name, {})) for name in _SECTIONS}
-    settings = Settings(**built, source_path=Path(path) if path else None)
+    if pending:
+        built["bars"] = replace(built["bars"], session=default_session(built["databento"].dataset))
+    settings = Settings(**built, source_path=Path(path) if path else None, session_pending=pending)
     _cross_check(settings)
     return settings
 
@@ -385,6 +400,36 @@ def _cross_check(s: Settings) -> None:
         raise ConfigError(
             "live.reconnect_max_s", s.live.reconnect_max_s, "at least live.reconnect_min_s"
         )
+
+
+_IMPLIED_STYPES = (
+    (re.compile(r"\.[cnv]\.\d+$", re.IGNORECASE), "continuous"),  # ES.c.0, CL.n.1, ES.v.0
+    (re.compile(r"\.(FUT|OPT)$", re.IGNORECASE), "parent"),  # ES.FUT, AAPL.OPT
+)
+
+
+def implied_stype(symbol: str) -> str | None:
+    """The stype Databento's symbology spells into a symbol (continuous 'ES.c.0', parent
+    'ES.FUT'), or None for anything else."""
+    for pattern, stype in _IMPLIED_STYPES:
+        if pattern.search(symbol):
+            return stype
+    return None
+
+
+def stype_hint(symbols: Iterable[str], stype_in: str) -> str:
+    """'ES.c.0 is a continuous symbol: add --stype-in continuous ...' for the symbols whose
+    pattern implies another stype than ``stype_in``; '' when none does. We hint rather than
+    switch: the stype is part of a store file's contract and of what is paid for."""
+    by_stype: dict[str, list[str]] = {}
+    for s in symbols:
+        implied = implied_stype(s)
+        if implied and implied != stype_in:
+            by_stype.setdefault(implied, []).append(s)
+    return "; ".join(
+        f"{', '.join(names)} {'is a' if len(names) == 1 else 'are'} {stype} symbol{'s' * (len(names) > 1)}: "
+        f"add --stype-in {stype} (config databento.stype_in = \"{stype}\")"
+        for stype, names in by_stype.items())
 
 
 def load_api_key(env_file: str | Path | None = ".env", required: bool = True) -> str | None:

@@ -16,6 +16,15 @@ EXIT_FAILED = 1  # the work failed (systemd restarts the daemon)
 EXIT_USAGE = 2  # the user must change something: arguments, configuration, key, dataset
 EXIT_INTERRUPTED = 130  # SIGTERM / SIGINT of a one-shot command
 
+#: What each exit code means, as README "Troubleshooting" states it (tests/test_docs.py
+#: keeps that table equal to this one).
+EXIT_MEANINGS: dict[int, str] = {
+    EXIT_OK: "done",
+    EXIT_FAILED: "the work failed (validate: an error-severity rule failed; check: a gateway unreachable)",
+    EXIT_USAGE: "you must change something: arguments, configuration, key, dataset, symbol",
+    EXIT_INTERRUPTED: "stopped by SIGINT (Ctrl-C) or SIGTERM (one-shot commands)",
+}
+
 
 class StreambarsError(Exception):
     """Base class: a failure with a message meant for the user."""

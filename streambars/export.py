@@ -302,7 +302,7 @@ def _pyarrow() -> tuple[Any, Any]:
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
-        raise UsageError("Parquet export needs pyarrow: pip install 'streambars[parquet]'") from None
+        raise UsageError("Parquet export needs pyarrow: pip install '.[parquet]' in a checkout of streambars") from None
     return pa, pq
 
 

@@ -21,7 +21,7 @@ import contextlib
 import io
 import json
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import anyio
@@ -67,6 +67,30 @@ class Finish:
 
 
 PipelineItem = RecordBatch | Checkpoint | FlushUntil | Finish
+
+
+def settle_session(settings: Settings, dataset: str) -> Settings:
+    """The settings with the daily session decided for ``dataset`` (call before any engine or
+    writer is made). A configured ``bars.session`` stands. Otherwise the dataset's default
+    (timeframes.SESSION_DEFAULTS) -- unless the store already holds files of that dataset:
+    their session is kept, because a file's session is part of its contract (a writer with
+    another one is refused) and daily bars already written cannot move. So a store built
+    when every dataset defaulted to 17:00 America/Chicago keeps working unchanged."""
+    if not settings.session_pending:
+        return settings
+    from .store.salvage import recorded_sessions
+    from .timeframes import Session, default_session
+
+    session = default_session(dataset)
+    stored = recorded_sessions(settings.store.path, dataset)
+    if stored:
+        kept = Session.parse(max(stored, key=lambda k: stored[k]))
+        if kept != session:
+            log.info("session.kept_from_store", dataset=dataset, session=str(kept), default=str(session),
+                     why="the store's files of this dataset were built with it; set bars.session "
+                     "(in a new store) to use another")
+        session = kept
+    return replace(settings, bars=replace(settings.bars, session=session), session_pending=False)
 
 
 def make_engine(settings: Settings, registry: SeriesRegistry | None = None) -> Aggregator:

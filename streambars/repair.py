@@ -37,7 +37,7 @@ from .config import Settings
 from .errors import UsageError
 from .ledger import LIVE, Ledger, Span, key_span, live_span, subtract
 from .observe import get_logger
-from .pipeline import make_writers
+from .pipeline import make_writers, settle_session
 from .sources import dbnfile
 from .store.layout import SUFFIX, filename_to_symbol
 from .store.lock import FileLock
@@ -91,7 +91,10 @@ def plan_repair(settings: Settings, path: Path) -> RepairPlan:
         store=replace(settings.store, path=root),
         bars=bars,
         databento=replace(settings.databento, dataset=dataset, stype_in=stype, schema=schema or settings.databento.schema),
+        # The damaged file's own session stands; without it, the file's dataset decides.
+        session_pending=settings.session_pending and not (found is not None and found.session),
     )
+    settings = settle_session(settings, dataset)
     return RepairPlan(path, root, dataset, symbol, ledger, settings, stype, note is not None)
 
 

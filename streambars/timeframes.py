@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
+from fnmatch import fnmatchcase
 from functools import lru_cache
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -28,11 +29,12 @@ STANDARD_TIMEFRAMES: tuple[str, ...] = (
     "1h", "2h", "4h", "1d",
 )
 
-_UNIT_SECONDS = {"s": 1, "min": 60, "h": 3600, "d": SECONDS_PER_DAY}
-_PATTERN = re.compile(r"^\s*(\d+)\s*(s|min|h|d)\s*$")
+#: 'm' is a minute as in Databento's schema names (ohlcv-1m); the store names it 'min'.
+_UNIT_SECONDS = {"s": 1, "min": 60, "m": 60, "h": 3600, "d": SECONDS_PER_DAY}
+_PATTERN = re.compile(r"^\s*(\d+)\s*(s|min|m|h|d)\s*$")
 ALLOWED_TEXT = (
-    "a whole positive number followed by s, min, h or d (e.g. 1s, 7s, 15s, 5min, 4h, 1d), "
-    "at most one day long; 1d is the only daily timeframe"
+    "a whole positive number followed by s, min (or m, as in ohlcv-1m), h or d (e.g. 1s, 7s, "
+    "15s, 5min, 1m, 4h, 1d), at most one day long; 1d is the only daily timeframe"
 )
 
 
@@ -76,7 +78,7 @@ def canonical_name(seconds: int) -> str:
 
 
 def parse_timeframe(text: str) -> Timeframe:
-    """Parse '15s', '5min', '4h', '1d'; refuse anything that does not divide a day."""
+    """Parse '15s', '5min' (or '5m'), '4h', '1d'; refuse anything longer than a day."""
     if not isinstance(text, str):
         raise TimeframeError(f"timeframe {text!r} is not a string; allowed: {ALLOWED_TEXT}")
     m = _PATTERN.match(text)
@@ -169,3 +171,34 @@ def _session_boundaries(tod: time, tz: str, first_year: int, last_year: int) -> 
 
 
 UTC_MIDNIGHT = Session(time(0, 0), "UTC")
+
+
+#: Databento's US equity and equity-option datasets (exchanges, ATSs, TRFs, the consolidated
+#: EQUS.* products and OPRA), whose trading day is the New York calendar day.
+US_EQUITY_DATASETS: tuple[str, ...] = (
+    "XNAS.ITCH", "XNAS.BASIC", "XNAS.QBBO", "XNAS.NLS", "XBOS.ITCH", "XPSX.ITCH",
+    "XNYS.PILLAR", "XNYS.BBO", "XNYS.TRADES", "XNYS.TRADESBBO", "ARCX.PILLAR", "XASE.PILLAR",
+    "XCHI.PILLAR", "XCIS.PILLAR", "XCIS.BBO", "XCIS.TRADES", "XCIS.TRADESBBO",
+    "BATS.PITCH", "BATY.PITCH", "EDGA.PITCH", "EDGX.PITCH", "IEXG.TOPS", "MEMX.MEMOIR",
+    "EPRL.DOM", "OCEA.MEMOIR", "FINN.NLS", "FINY.TRADES", "DBEQ.BASIC", "EQUS.*", "OPRA.PILLAR",
+)
+
+#: Where daily bars start when ``bars.session`` is not configured: the first row whose
+#: patterns (fnmatch) match the dataset wins. docs/contract.md ("Daily sessions") and the
+#: README show this table; tests/test_session_defaults.py keeps them equal to it.
+SESSION_DEFAULTS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("GLBX.MDP3",), "17:00 America/Chicago"),
+    (US_EQUITY_DATASETS, "00:00 America/New_York"),
+    (("IFEU.IMPACT", "NDEX.IMPACT"), "00:00 Europe/London"),
+    (("*",), "00:00 UTC"),
+)
+
+
+def default_session(dataset: str) -> Session:
+    """The daily session of ``dataset`` when none is configured (SESSION_DEFAULTS): a 1d bar
+    of NVDA on XNAS.ITCH starts at New York midnight, not at CME's 17:00 Chicago."""
+    code = (dataset or "").upper()
+    for patterns, session in SESSION_DEFAULTS:
+        if any(fnmatchcase(code, p) for p in patterns):
+            return Session.parse(session)
+    raise AssertionError("SESSION_DEFAULTS ends with a catch-all row")  # pragma: no cover

@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal
 
 import numpy as np
@@ -100,6 +100,13 @@ def parse_day(text: str, name: str) -> datetime:
             f"--{name} {text}: backfill dates lie between {FIRST_DAY:%Y-%m-%d} and {LAST_DAY:%Y-%m-%d} "
             "(Databento's timestamps are nanoseconds since 1970)")
     return day
+
+
+def inclusive_days(start: datetime, end: datetime, end_text: str) -> str:
+    """'2024-01-01 .. 2024-12-30 inclusive (--end 2024-12-31 is exclusive)': the days of a
+    [start, end) request, said so at run time because an exclusive end surprises people."""
+    last = end - timedelta(days=1)
+    return f"{start:%Y-%m-%d} .. {last:%Y-%m-%d} inclusive (--end {end_text} is exclusive)"
 
 
 Precision = Literal["exact", "auto", "ms", "s"]

@@ -231,7 +231,7 @@ def test_without_dask_the_error_names_the_extra(market, tmp_path, monkeypatch, c
     monkeypatch.setitem(sys.modules, "distributed", None)
     assert main(_args(tmp_path / "store", market, "--workers", "2")) == 2
     err = capsys.readouterr().err
-    assert "pip install 'streambars[cluster]'" in err and "Traceback" not in err
+    assert "pip install '.[cluster]' in a checkout" in err and "Traceback" not in err
 
 
 def test_board_counts_the_latest_attempt_of_each_symbol(market, tmp_path):

@@ -24,7 +24,7 @@ LAYERS: list[set[str]] = [
     # flows built from the parts
     {"pipeline", "export", "validate", "synthetic", "plot"},
     # the commands' wings
-    {"backfill", "cluster", "repair", "daemon", "demo"},
+    {"backfill", "check", "cluster", "repair", "daemon", "demo"},
     # entry points
     {"cli", "__main__", ""},
 ]

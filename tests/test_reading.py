@@ -167,7 +167,7 @@ def test_polars_frame_equals_the_pandas_frame(store, monkeypatch):
         with pytest.raises(UsageError, match="engine 'arrow' is not one of pandas, polars"):
             r.read_df(SYMBOL, "1min", engine="arrow")
         monkeypatch.setitem(sys.modules, "polars", None)  # as if not installed
-        with pytest.raises(UsageError, match=r"polars frames need polars: pip install 'streambars\[polars\]'"):
+        with pytest.raises(UsageError, match=r"polars frames need polars: pip install '\.\[polars\]' in a checkout"):
             r.tail(SYMBOL, "1min", 3, engine="polars")
 
 

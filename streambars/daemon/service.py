@@ -311,6 +311,9 @@ def _reloader(settings: Settings) -> Callable[[], Settings] | None:
 
 def run_daemon(settings: Settings, env_file: str | os.PathLike[str] | None = ".env") -> int:
     """The `streambars run` command; returns the process exit code."""
+    from ..pipeline import settle_session
+
+    settings = settle_session(settings, settings.databento.dataset)
     check_symbols(settings)
     log_file = LogFile(settings)
     log_file.open()

@@ -183,6 +183,12 @@ class HistoricalSource:
 
         return self._with_retries(what, tuple(syms), call)
 
+    def list_datasets(self) -> list[str]:
+        """``metadata.list_datasets`` (free): the dataset codes the key can use. The
+        cheapest authenticated call there is, so `streambars check` tests key and network
+        with it."""
+        return [str(d) for d in self._with_retries("list datasets", (), self._client.metadata.list_datasets)]
+
     def resolve_symbols(self, dataset: str, symbols: Iterable[str], stype_in: str,
                         start: When, end: When) -> tuple[dict[str, list[dict[str, str]]], list[str]]:
         """``symbology.resolve`` (free): ({symbol: [{d0, d1, s}, ...]}, [not found symbols])."""
@@ -199,7 +205,12 @@ class HistoricalSource:
             out = self._with_retries(what, tuple(syms), call)
         except UnknownSymbolError as err:
             return {}, list(err.symbols)
-        return dict(out.get("result", {})), list(out.get("not_found", []))
+        # The client upper-cases raw symbols before sending them ('ES.c.0' -> 'ES.C.0'): name
+        # what was not found as the caller spelled it.
+        spelled = {s.upper(): s for s in syms}
+        not_found = [spelled.get(str(x).upper(), str(x)) if str(x) not in syms else str(x)
+                     for x in out.get("not_found", [])]
+        return dict(out.get("result", {})), not_found
 
     def raw_symbols(self, dataset: str, instrument_ids: Iterable[int], start: When, end: When) -> dict[int, str]:
         """instrument_id -> raw symbol over a range (the last mapping of each wins)."""

@@ -164,6 +164,28 @@ def parse_gateway(gateway: str | None) -> tuple[str | None, int]:
     return gateway, DEFAULT_PORT
 
 
+def describe_gateway(host: str | None, port: int) -> str:
+    """'host:port' for messages ('the Databento gateway' when the client picks the host)."""
+    return f"{host or 'the Databento gateway'}:{port}"
+
+
+def connect_error(e: BaseException, where: str, dataset: str) -> SourceError:
+    """What a failed connect + authenticate + subscribe means: unreachable (retry), a dataset
+    the gateway does not serve, or a refused key (both exit 2: retrying cannot help)."""
+    from databento.common.error import BentoError
+
+    text = scrub(str(e))
+    if not isinstance(e, BentoError) or text.startswith(("Connection to ", "Authentication with ")):
+        return LiveConnectError(f"live gateway {where}: {text}")  # refused / timed out / OS error
+    if "dataset" in text.lower():  # e.g. 'Unknown dataset X.': the key was fine
+        return DatasetError(
+            f"live gateway {where} does not serve dataset {dataset} ({text}); "
+            "check databento.dataset / --dataset")
+    return AuthenticationError(
+        f"live gateway {where} refused the session for {dataset} ({text}); "
+        f"check DATABENTO_API_KEY and the dataset")
+
+
 class LiveSession:
     """One subscription on one connection to a Live gateway; see the module doc."""
 
@@ -253,26 +275,15 @@ class LiveSession:
                 live.subscribe(dataset=self.dataset, schema=self.schema, symbols=self.symbols,
                                stype_in=self.stype_in, start=self.start)
             except BaseException:
-                _quiet_terminate(live)
+                terminate_quietly(live)
                 raise
             return live
 
-        where = f"{self.host or 'the Databento gateway'}:{self.port}"
+        where = describe_gateway(self.host, self.port)
         try:
             self._live = await anyio.to_thread.run_sync(blocking)
-        except BentoError as e:
-            text = scrub(str(e))
-            if text.startswith(("Connection to ", "Authentication with ")):  # refused / timed out
-                raise LiveConnectError(f"live gateway {where}: {text}") from None
-            if "dataset" in text.lower():  # e.g. 'Unknown dataset X.': the key was fine
-                raise DatasetError(
-                    f"live gateway {where} does not serve dataset {self.dataset} ({text}); "
-                    "check databento.dataset / --dataset") from None
-            raise AuthenticationError(
-                f"live gateway {where} refused the session for {self.dataset} ({text}); "
-                f"check DATABENTO_API_KEY and the dataset") from None
-        except (OSError, ValueError) as e:
-            raise LiveConnectError(f"live gateway {where}: {scrub(str(e))}") from None
+        except (BentoError, OSError, ValueError) as e:
+            raise connect_error(e, where, self.dataset) from None
         self.session_id = self._live.session_id
         log.info("live subscribed", gateway=where, dataset=self.dataset, schema=self.schema,
                  stype_in=self.stype_in, symbols=",".join(self.symbols), start=self.start,
@@ -292,7 +303,7 @@ class LiveSession:
         self._closing = True
         live, self._live = self._live, None
         if live is not None:
-            _quiet_terminate(live)
+            terminate_quietly(live)
         if self._recv is not None:
             self._recv.close()  # a pump blocked on a full stream wakes up (BrokenResourceError)
         stack, self._stack = self._stack, None
@@ -493,12 +504,12 @@ class LiveSession:
                 log.warning("live heartbeat timeout", gap_s=round(gap, 1), last_ts_event=self.last_ts_event)
                 self._closing = True
                 if self._live is not None:
-                    _quiet_terminate(self._live)
+                    terminate_quietly(self._live)
                 await self._finish(err)
                 return
 
 
-def _quiet_terminate(live: Any) -> None:
+def terminate_quietly(live: Any) -> None:
     """Terminate the client; mark its 'disconnected' future as seen (it may hold the
     gateway's error messages, already reported as GatewayError events)."""
     proto = getattr(getattr(live, "_session", None), "_protocol", None)

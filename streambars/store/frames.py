@@ -46,7 +46,7 @@ def polars_module() -> Any:
     try:
         import polars as pl
     except ImportError:
-        raise UsageError("polars frames need polars: pip install 'streambars[polars]'") from None
+        raise UsageError("polars frames need polars: pip install '.[polars]' in a checkout of streambars") from None
     return pl
 
 

@@ -67,3 +67,21 @@ def salvage(path: Path) -> Salvaged | None:
         with contextlib.suppress(Exception):
             f.close()
     return out
+
+
+def recorded_sessions(root: Path | str, dataset: str) -> dict[str, int]:
+    """Session attribute -> how many of ``dataset``'s files in the store record it. Files
+    that cannot be opened right now (damaged, being created) are left out: their writer's
+    contract check names them if they differ."""
+    out: dict[str, int] = {}
+    for path in sorted((Path(root) / dataset).glob("*.h5")):
+        try:
+            with open_read(path) as f:
+                have = f.attrs.get("session")
+        except (OSError, KeyError, ValueError):
+            continue
+        if isinstance(have, bytes):
+            have = have.decode()
+        if have:
+            out[str(have)] = out.get(str(have), 0) + 1
+    return out

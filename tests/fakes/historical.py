@@ -12,6 +12,8 @@ send them):
   schemas that have it (trades), else ``ts_event``, in [start, end), and only while the
   instrument was mapped to the symbol.
 * ``POST /v0/metadata.get_cost`` -> a JSON number (``cost_per_record`` x records).
+* ``GET /v0/metadata.list_datasets`` -> a JSON list of dataset codes (``KNOWN_DATASETS`` and
+  those given data here, sorted); what `streambars check` calls.
 * ``POST /v0/symbology.resolve`` -> Databento's JSON (``result``: symbol -> [{d0, d1, s}],
   ``not_found``, ``partial``), for raw_symbol/continuous/parent -> instrument_id and
   instrument_id -> raw_symbol.
@@ -144,6 +146,11 @@ class FakeHistorical:
         arr = records if old is None else np.concatenate([old, records])
         key = "ts_recv" if "ts_recv" in arr.dtype.names else "ts_event"
         self._records[(dataset, schema)] = arr[np.argsort(arr[key], kind="stable")]
+
+    def datasets(self) -> list[str]:
+        """What ``metadata.list_datasets`` answers: the known codes and those given data."""
+        given = {k[0] for k in (*self._symbology, *self._records, *self._raw)}
+        return sorted(KNOWN_DATASETS | given)
 
     def knows(self, dataset: str) -> bool:
         """A real dataset code, or one this fake was given data for."""
@@ -380,7 +387,32 @@ class _Handler(BaseHTTPRequestHandler):
         for i in range(0, len(body), 1 << 16):
             self.wfile.write(body[i:i + (1 << 16)])
 
+    def _authorized(self) -> bool:
+        """HTTP basic auth with the key as user name; else answers 401 as Databento does."""
+        auth = self.headers.get("Authorization", "")
+        user = ""
+        if auth.startswith("Basic "):
+            try:
+                user = base64.b64decode(auth[6:]).decode().partition(":")[0]
+            except ValueError:
+                user = ""
+        if user != self.fake.key:
+            self._send(401, error_body(401, "auth_authentication_failed", "Authentication failed."))
+            return False
+        return True
+
     def do_GET(self) -> None:  # noqa: N802 - stdlib name
+        fake = self.fake
+        endpoint = self.path.split("?")[0]
+        with fake._lock:
+            fake.requests.append((endpoint, dict(parse_qsl(self.path.partition("?")[2]))))
+        if fake.latency:
+            time.sleep(fake.latency)
+        if not self._authorized():
+            return
+        if endpoint == "/v0/metadata.list_datasets":
+            self._send(200, json.dumps(fake.datasets()).encode())
+            return
         self._send(404, error_body(404, "not_found", "Not found."))
 
     def do_POST(self) -> None:  # noqa: N802 - stdlib name
@@ -392,15 +424,7 @@ class _Handler(BaseHTTPRequestHandler):
             fake.requests.append((endpoint, form))
         if fake.latency:
             time.sleep(fake.latency)
-        auth = self.headers.get("Authorization", "")
-        user = ""
-        if auth.startswith("Basic "):
-            try:
-                user = base64.b64decode(auth[6:]).decode().partition(":")[0]
-            except ValueError:
-                user = ""
-        if user != fake.key:
-            self._send(401, error_body(401, "auth_authentication_failed", "Authentication failed."))
+        if not self._authorized():
             return
         handlers = {
             "/v0/timeseries.get_range": fake.get_range,
