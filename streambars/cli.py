@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plot", help="draw candlesticks with volume to a PNG",
                        description="Draw one symbol's bars of one timeframe as candlesticks with a "
-                       "volume panel (needs pip install 'streambars[plot]'). Long ranges are drawn "
+                       "volume panel (needs pip install '.[plot]'). Long ranges are drawn "
                        "with coarser candles (a stored coarser timeframe, else bars merged in "
                        "memory); the title says which.")
     _common(p)

@@ -14,7 +14,7 @@ Large ranges are drawn with fewer, coarser candles (at most ``max_candles``; 0 =
    too many, into groups of k consecutive candles.
 
 The picture's title says which (e.g. ``1min bars shown as 4h candles``). matplotlib is an
-optional dependency (``pip install 'streambars[plot]'``); without it every picture fails
+optional dependency (``pip install '.[plot]'``); without it every picture fails
 with one UsageError naming the extra.
 """
 
@@ -51,7 +51,7 @@ HIGHLIGHT = "#ff9800"
 DENSE = 2000
 DENSE_COLOR = "#455a64"
 FORMATS = ("png", "svg", "pdf")
-EXTRA_HINT = "pip install 'streambars[plot]'"
+EXTRA_HINT = "pip install '.[plot]' in a checkout of streambars (it is not on PyPI)"
 #: Candle lengths (seconds) tried when merging in memory: each a whole multiple of the bars'.
 MERGE_LADDER_S = (5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 14400, 21600, 43200, 86400)
 DAY_S = 86_400

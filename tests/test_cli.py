@@ -15,7 +15,7 @@ import pytest
 from streambars.cli import build_parser, main
 
 REPO = Path(__file__).resolve().parents[1]
-SUBCOMMANDS = ("demo", "check", "backfill", "run", "inspect", "export", "validate", "compact")
+SUBCOMMANDS = ("demo", "check", "backfill", "run", "inspect", "export", "validate", "compact", "repair", "plot")
 
 
 def _run(*args: str, cwd: Path = REPO, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -201,10 +201,10 @@ def test_without_matplotlib_the_commands_name_the_extra(store, tmp_path, capsys,
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     code, _, err = _run(["plot", "--store", str(root), "--symbol", "ES.c.0", "--timeframe", "1h",
                          "--out", str(tmp_path / "x.png")], capsys)  # fmt: skip
-    assert code == 2 and "streambars[plot]" in err and err.count("\n") == 1
+    assert code == 2 and "[plot]" in err and err.count("\n") == 1
     code, out, err = _run(["validate", "--store", str(root), "--report", str(tmp_path / "r.txt"),
                            "--html", str(tmp_path / "r.html")], capsys)  # fmt: skip
-    assert code == 2 and "streambars[plot]" in err and out == ""  # refused before validating
+    assert code == 2 and "[plot]" in err and out == ""  # refused before validating
 
 
 # --------------------------------------------------------------------------- validate --html
