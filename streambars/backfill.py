@@ -51,7 +51,7 @@ from .config import Settings, check_timeframes_fit, load_api_key
 from .engine import Aggregator
 from .engine.kernel import S_LAST
 from .errors import CostLimitError, Interrupted, UsageError
-from .fsio import pid_alive
+from .fsio import pid_alive, replace_file, temp_beside
 from .ledger import EMPTY, LIVE, Ledger, Span, live_span, span_key
 from .observe import Progress, ProgressDisplay, get_logger
 from .pipeline import (
@@ -846,39 +846,69 @@ class SpanFilter:
 INPUTS_DIR = "_inputs"
 
 
-def file_span(path: Path, schema: str, clock: str) -> tuple[int, int]:
+def file_span(path: Path, schema: str, clock: str,
+              tee: Callable[[bytes], None] | None = None) -> tuple[int, int]:
     """(records, one past the last record's time): reads the whole file, which also proves it
-    whole (a corrupt or cut-off file is refused here, before anything is written)."""
+    whole (a corrupt or cut-off file is refused here, before anything is written); ``tee``
+    receives the file's bytes as they are read."""
     n, last = 0, -1
     field_name = clock if schema == "trades" else "ts_event"
-    for _, arr in dbnfile.iter_records(path, expected_schema=schema):
+    for _, arr in dbnfile.iter_records(path, expected_schema=schema, tee=tee):
         n += len(arr)
         if len(arr):
             last = max(last, int(arr[field_name].max()))
     return n, last + 1
 
 
-def _keep_input(raw: Path, path: Path) -> str:
-    """Copy a DBN file the user gave into the raw archive (compressed, named by its content),
-    so a later rebuild can read it again; returns its ledger source."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    stem = path.name.split(".")[0] or "input"
-    rel = f"{INPUTS_DIR}/{stem}-{digest.hexdigest()[:16]}.dbn.zst"
-    dest = raw / rel
-    if dest.is_file():
-        return rel
-    with open(path, "rb") as src:
-        if src.read(4) == b"\x28\xb5\x2f\xfd":
-            src.seek(0)
-            archive.write_atomic(dest, src)
+@dataclass
+class _Input:
+    """A DBN file the user gave, read once: hashed, copied compressed into a temp file in the
+    raw archive (kept by :meth:`keep`, or dropped), and -- when its end must be proven --
+    decoded in the same read (:func:`file_span`)."""
+
+    rel: str  # its ledger source, named by its content
+    tmp: Path
+    proven_end: int | None  # one past its last record; None: not decoded here
+
+    @classmethod
+    def read(cls, raw: Path, info: dbnfile.DbnInfo, schema: str, clock: str, scan: bool) -> _Input:
+        digest = hashlib.sha256()
+        path = info.path
+        tmp = temp_beside(raw / INPUTS_DIR / path.name)
+        try:
+            with open(tmp, "xb") as out:
+                pack = None if info.compressed else zstandard.ZstdCompressor(level=3).compressobj()
+
+                def sink(chunk: bytes) -> None:
+                    digest.update(chunk)
+                    out.write(chunk if pack is None else pack.compress(chunk))
+
+                end = None
+                if scan:
+                    end = file_span(path, schema, clock, tee=sink)[1]
+                else:
+                    with open(path, "rb") as f:
+                        while chunk := f.read(1 << 20):
+                            sink(chunk)
+                if pack is not None:
+                    out.write(pack.flush())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        stem = path.name.split(".")[0] or "input"
+        return cls(f"{INPUTS_DIR}/{stem}-{digest.hexdigest()[:16]}.dbn.zst", tmp, end)
+
+    def keep(self, raw: Path) -> str:
+        """Put the copy in the raw archive (a later rebuild reads it there); its source."""
+        dest = raw / self.rel
+        if dest.is_file():
+            self.drop()
         else:
-            src.seek(0)
-            cctx = zstandard.ZstdCompressor(level=3)
-            archive.write_atomic(dest, cctx.read_to_iter(src))
-    return rel
+            replace_file(self.tmp, dest)
+        return self.rel
+
+    def drop(self) -> None:
+        self.tmp.unlink(missing_ok=True)
 
 
 def expand_dbn_paths(paths: Sequence[Path]) -> list[Path]:
@@ -940,15 +970,33 @@ def plan_dbn_files(
     check_timeframes_fit(schema, settings.bars.timeframes)
     declared_end = int(parse_day(end, "end").timestamp()) * NS if end else None
     clock = settings.bars.trade_clock
+    raw = _raw_root(settings, dataset)
+    # One read of each file: hashed and copied; decoded too only when its end must be proven
+    # (a compressed file with a Metadata end is checked record by record as the pipeline
+    # decodes it: damage stops the run before that input's checkpoint, so no ledger counts it)
     spans: list[tuple[dbnfile.DbnInfo, int, int, bool]] = []
-    for info in infos:
-        _, proven = file_span(info.path, schema, clock)
-        known = info.compressed and info.end_ns is not None
-        stop = info.end_ns if known else proven
-        if declared_end is not None and declared_end >= stop:
-            stop, known = declared_end, True
-        spans.append((info, info.start_ns, max(stop, info.start_ns), known))
-    spans.sort(key=lambda s: s[1])
+    inputs: dict[Path, _Input] = {}
+    try:
+        for info in infos:
+            known = info.compressed and info.end_ns is not None
+            got = inputs[info.path] = _Input.read(raw, info, schema, clock, scan=not known)
+            stop = info.end_ns if known else got.proven_end
+            assert stop is not None
+            if declared_end is not None and declared_end >= stop:
+                stop, known = declared_end, True
+            spans.append((info, info.start_ns, max(stop, info.start_ns), known))
+        spans.sort(key=lambda s: s[1])
+        return _plan_inputs(settings, paths, infos, stype, spans, inputs, out)
+    finally:
+        for got in inputs.values():
+            got.drop()  # the ones not kept
+
+
+def _plan_inputs(settings: Settings, paths: list[Path], infos: list[dbnfile.DbnInfo], stype: str,
+                 spans: list[tuple[dbnfile.DbnInfo, int, int, bool]], inputs: dict[Path, _Input],
+                 out: TextIO) -> Plan:
+    """The --from-dbn plan once every file is read: what each symbol's file lacks."""
+    dataset, schema = settings.databento.dataset, settings.databento.schema
     names = list(dict.fromkeys(n for info in infos for n in info.symbols))
     writers = make_writers(settings, dataset, stype)
     raw = _raw_root(settings, dataset)
@@ -967,7 +1015,7 @@ def plan_dbn_files(
             log.info("already in the store", path=str(info.path))
             skipped += 1
             continue
-        source = _keep_input(raw, info.path)  # workers read it from the archive, not from here
+        source = inputs[info.path].keep(raw)  # workers read it from the archive, not from here
         items.append(Item(raw / source, parts, source, known, info.path.name, by_symbol=False))
     new = {n: [i for i in items if n in i.spans] for n in names}
     rebuild = _rebuilds(states, new, set())
