@@ -141,34 +141,47 @@ class _Stream:
             raise _fail(p, "neither zstd nor DBN (bad magic bytes)")
         self._pieces = FrameReader(self._f, _READ_SIZE) if self.compressed else None
         self._chunks = self._pieces.pieces() if self._pieces else None
-        self._buf = bytearray()
+        # decompressed pieces not yet read: joined once per read (a bytearray grown and cut
+        # from the front cost three copies of every byte)
+        self._parts: list[bytes | memoryview] = []
+        self._have = 0
         self._eof = False
 
     def _fill(self, n: int) -> None:
-        while len(self._buf) < n and not self._eof:
+        while self._have < n and not self._eof:
             if self._chunks is None:
-                raw = self._f.read(_READ_SIZE)
-                if raw:
-                    self._buf += raw
-                else:
+                data = self._f.read(_READ_SIZE)
+                if not data:
                     self._eof = True
-                continue
-            try:
-                piece = next(self._chunks, None)
-            except zstandard.ZstdError as e:
-                raise _fail(self.path, f"corrupt zstd data ({e})") from None
-            if piece is None:
-                self._eof = True
-                if self._pieces is not None and self._pieces.cut_off:
-                    raise _fail(self.path, "truncated: the last zstd frame is cut off")
-                return
-            self._buf += piece[0]
+                    continue
+            else:
+                try:
+                    piece = next(self._chunks, None)
+                except zstandard.ZstdError as e:
+                    raise _fail(self.path, f"corrupt zstd data ({e})") from None
+                if piece is None:
+                    self._eof = True
+                    if self._pieces is not None and self._pieces.cut_off:
+                        raise _fail(self.path, "truncated: the last zstd frame is cut off")
+                    return
+                data = piece[0]
+            if data:
+                self._parts.append(data)
+                self._have += len(data)
+
+    def read_view(self, n: int) -> memoryview:
+        """The next ``n`` bytes (fewer only at the end) as a read-only view: one copy."""
+        self._fill(n)
+        if not self._parts:
+            return memoryview(b"")
+        whole = memoryview(self._parts[0] if len(self._parts) == 1 else b"".join(self._parts))
+        out, rest = whole[:n], whole[n:]
+        self._parts = [rest] if len(rest) else []
+        self._have = len(rest)
+        return out
 
     def read(self, n: int) -> bytes:
-        self._fill(n)
-        out = bytes(self._buf[:n])
-        del self._buf[:n]
-        return out
+        return bytes(self.read_view(n))
 
     def consumed(self) -> int:
         """Bytes of the file read so far (compressed bytes for zstd): the basis of an ETA."""
@@ -322,7 +335,7 @@ def iter_records(
         rtypes = np.array(_RTYPES[schema], dtype=np.uint8)
         done = 0
         while True:
-            raw = s.read(size * chunk_records)
+            raw = s.read_view(size * chunk_records)
             if not raw:
                 return
             loose = len(raw) % size
@@ -330,7 +343,8 @@ def iter_records(
                 raise _fail(p, f"truncated: record {done + len(raw) // size} is cut off "
                                f"({loose} of {size} bytes)")
             arr = np.frombuffer(raw, dtype=dtype)
-            bad = (arr["length"] != want_len) | ~np.isin(arr["rtype"], rtypes)
+            rt = arr["rtype"]
+            bad = (arr["length"] != want_len) | ((rt != rtypes[0]) & (rt != rtypes[-1]))
             if bad.any():
                 i = int(np.argmax(bad))
                 raise _fail(p, f"corrupt record {done + i} (length={arr['length'][i]}, "
