@@ -699,6 +699,7 @@ class Runner:
             yield self._checkpoint(list(ledgers), registry, ledgers)
 
         result.stats.progress = progress
+        _reuse_freed_memory()
         with display:  # stops rich's refresh thread however the run ends
             _run_with_signals(
                 run_pipeline(source(), engine, writers, registry, stats=result.stats, queue_size=BACKFILL_QUEUE),
@@ -742,6 +743,26 @@ def _give_back_free_memory() -> None:
 
 
 _malloc_trim: Any = None
+
+#: glibc mallopt parameters (malloc.h) and the value backfill gives both: 32 MiB.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _KEEP_FREED = -1, -3, 32 << 20
+
+
+def _reuse_freed_memory() -> None:
+    """Let the C heap serve the pipeline's big per-batch arrays (the engine's ~8 MB output,
+    decode's columns) from memory freed a batch ago instead of fresh ``mmap`` pages: with
+    glibc's defaults each of them was mapped, zero-filled page by page and unmapped again,
+    a third of the engine stage's CPU (0.113 -> 0.076 s a month of 1s bars, alone) for ~10
+    MB more peak RSS. Up to 32 MiB freed at a heap's top is kept for reuse; the monthly
+    :func:`_give_back_free_memory` still returns the rest. A no-op without glibc."""
+    try:
+        import ctypes
+
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(_M_MMAP_THRESHOLD, _KEEP_FREED)
+    mallopt(_M_TRIM_THRESHOLD, _KEEP_FREED)
 
 
 def _rebuild_items_or_fetch(settings: Settings, dataset: str, name: str, ledger: Ledger,
