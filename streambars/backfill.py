@@ -50,8 +50,8 @@ from . import archive
 from .config import Settings, check_timeframes_fit, load_api_key, stype_hint
 from .engine import Aggregator
 from .engine.kernel import S_LAST
-from .errors import CostLimitError, Interrupted, UsageError
-from .fsio import pid_alive
+from .errors import CostLimitError, Interrupted, SourceError, UsageError
+from .fsio import pid_alive, replace_file, temp_beside
 from .ledger import EMPTY, LIVE, Ledger, Span, live_span, span_key
 from .observe import Progress, ProgressDisplay, get_logger
 from .pipeline import (
@@ -85,12 +85,12 @@ log = get_logger("streambars.backfill")
 BACKFILL_QUEUE = 3
 #: Bars the store writers hold back before writing them in one append a file (a slab per
 #: timeframe, one flush each) instead of one append per engine batch; checkpoints (each
-#: item's end) write them first, in the same append as the state. 64k tagged bars (~4 MB):
-#: at 16 timeframes a batch of 1s bars closes ~106k bars, so the writes are as before (RSS
-#: unchanged); with few or coarse timeframes (4: ~1.2k bars a batch) the writer went from
-#: 1.6M to 5.8M rows/s of CPU. Holding more (128k, 256k) cut the 16-timeframe write CPU by
-#: 14-30% but raised a year's peak RSS by 45-90 MB: not taken.
-COALESCE_ROWS = 1 << 16
+#: item's end) write them first, in the same append as the state. 256k tagged bars (~15 MB
+#: queued, ~13 MB grouped): at 16 timeframes a batch of 1s bars closes ~106k bars, so a file
+#: gets an append every ~2.5 batches; the write stage's CPU per row fell by ~30% against 64k
+#: (measured 6.9 -> 10.2M rows/s of append). The ~30 MB it holds are paid for many times
+#: over by the backfill no longer importing pandas/pyarrow (~180 MB).
+COALESCE_ROWS = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -702,6 +702,7 @@ class Runner:
             yield self._checkpoint(list(ledgers), registry, ledgers)
 
         result.stats.progress = progress
+        _tune_c_heap()
         with display:  # stops rich's refresh thread however the run ends
             _run_with_signals(
                 run_pipeline(source(), engine, writers, registry, stats=result.stats, queue_size=BACKFILL_QUEUE),
@@ -745,6 +746,35 @@ def _give_back_free_memory() -> None:
 
 
 _malloc_trim: Any = None
+
+#: glibc mallopt parameters (malloc.h); backfill keeps 32 MiB freed for reuse, one arena.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+_KEEP_FREED = 32 << 20
+
+
+def _tune_c_heap() -> None:
+    """How the C heap serves the pipeline's big per-batch arrays (the engine's ~8 MB output,
+    decode's columns, freed a batch later, often by another thread):
+
+    * from memory freed a batch ago, not fresh ``mmap`` pages: with glibc's defaults each
+      was mapped, zero-filled page by page and unmapped again, a third of the engine stage's
+      CPU (0.113 -> 0.076 s a month of 1s bars, alone); up to 32 MiB freed at the heap's top
+      is kept for reuse, the monthly :func:`_give_back_free_memory` returns the rest;
+    * from one arena: glibc gives each thread that allocates its own (the pipeline's worker
+      threads: several), each keeping its own freed memory: a year of 1s bars in one input
+      peaked at 388 MB, 337 MB with one (the stages allocate a few large blocks a batch, so
+      sharing one lock costs nothing measurable).
+
+    A no-op without glibc."""
+    try:
+        import ctypes
+
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(_M_MMAP_THRESHOLD, _KEEP_FREED)
+    mallopt(_M_TRIM_THRESHOLD, _KEEP_FREED)
+    mallopt(_M_ARENA_MAX, 1)
 
 
 def _rebuild_items_or_fetch(settings: Settings, dataset: str, name: str, ledger: Ledger,
@@ -793,7 +823,13 @@ async def _decode(
     keep = SpanFilter(item.spans, registry, per_publisher)
     sentinel = object()
     while True:
-        batch = await anyio.to_thread.run_sync(next, it, sentinel)
+        try:
+            batch = await anyio.to_thread.run_sync(next, it, sentinel)
+        except SourceError as e:
+            if type(e) is not SourceError or not item.source.startswith(INPUTS_DIR + "/"):
+                raise
+            # a --from-dbn file is checked as it is decoded here: name the user's file too
+            raise SourceError(f"{e} (input {item.label})") from None
         if batch is sentinel:
             return
         batch = keep(batch)
@@ -849,39 +885,69 @@ class SpanFilter:
 INPUTS_DIR = "_inputs"
 
 
-def file_span(path: Path, schema: str, clock: str) -> tuple[int, int]:
+def file_span(path: Path, schema: str, clock: str,
+              tee: Callable[[bytes], None] | None = None) -> tuple[int, int]:
     """(records, one past the last record's time): reads the whole file, which also proves it
-    whole (a corrupt or cut-off file is refused here, before anything is written)."""
+    whole (a corrupt or cut-off file is refused here, before anything is written); ``tee``
+    receives the file's bytes as they are read."""
     n, last = 0, -1
     field_name = clock if schema == "trades" else "ts_event"
-    for _, arr in dbnfile.iter_records(path, expected_schema=schema):
+    for _, arr in dbnfile.iter_records(path, expected_schema=schema, tee=tee):
         n += len(arr)
         if len(arr):
             last = max(last, int(arr[field_name].max()))
     return n, last + 1
 
 
-def _keep_input(raw: Path, path: Path) -> str:
-    """Copy a DBN file the user gave into the raw archive (compressed, named by its content),
-    so a later rebuild can read it again; returns its ledger source."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    stem = path.name.split(".")[0] or "input"
-    rel = f"{INPUTS_DIR}/{stem}-{digest.hexdigest()[:16]}.dbn.zst"
-    dest = raw / rel
-    if dest.is_file():
-        return rel
-    with open(path, "rb") as src:
-        if src.read(4) == b"\x28\xb5\x2f\xfd":
-            src.seek(0)
-            archive.write_atomic(dest, src)
+@dataclass
+class _Input:
+    """A DBN file the user gave, read once: hashed, copied compressed into a temp file in the
+    raw archive (kept by :meth:`keep`, or dropped), and -- when its end must be proven --
+    decoded in the same read (:func:`file_span`)."""
+
+    rel: str  # its ledger source, named by its content
+    tmp: Path
+    proven_end: int | None  # one past its last record; None: not decoded here
+
+    @classmethod
+    def read(cls, raw: Path, info: dbnfile.DbnInfo, schema: str, clock: str, scan: bool) -> _Input:
+        digest = hashlib.sha256()
+        path = info.path
+        tmp = temp_beside(raw / INPUTS_DIR / path.name)
+        try:
+            with open(tmp, "xb") as out:
+                pack = None if info.compressed else zstandard.ZstdCompressor(level=3).compressobj()
+
+                def sink(chunk: bytes) -> None:
+                    digest.update(chunk)
+                    out.write(chunk if pack is None else pack.compress(chunk))
+
+                end = None
+                if scan:
+                    end = file_span(path, schema, clock, tee=sink)[1]
+                else:
+                    with open(path, "rb") as f:
+                        while chunk := f.read(1 << 20):
+                            sink(chunk)
+                if pack is not None:
+                    out.write(pack.flush())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        stem = path.name.split(".")[0] or "input"
+        return cls(f"{INPUTS_DIR}/{stem}-{digest.hexdigest()[:16]}.dbn.zst", tmp, end)
+
+    def keep(self, raw: Path) -> str:
+        """Put the copy in the raw archive (a later rebuild reads it there); its source."""
+        dest = raw / self.rel
+        if dest.is_file():
+            self.drop()
         else:
-            src.seek(0)
-            cctx = zstandard.ZstdCompressor(level=3)
-            archive.write_atomic(dest, cctx.read_to_iter(src))
-    return rel
+            replace_file(self.tmp, dest)
+        return self.rel
+
+    def drop(self) -> None:
+        self.tmp.unlink(missing_ok=True)
 
 
 def expand_dbn_paths(paths: Sequence[Path]) -> list[Path]:
@@ -944,15 +1010,33 @@ def plan_dbn_files(
     check_timeframes_fit(schema, settings.bars.timeframes)
     declared_end = int(parse_day(end, "end").timestamp()) * NS if end else None
     clock = settings.bars.trade_clock
+    raw = _raw_root(settings, dataset)
+    # One read of each file: hashed and copied; decoded too only when its end must be proven
+    # (a compressed file with a Metadata end is checked record by record as the pipeline
+    # decodes it: damage stops the run before that input's checkpoint, so no ledger counts it)
     spans: list[tuple[dbnfile.DbnInfo, int, int, bool]] = []
-    for info in infos:
-        _, proven = file_span(info.path, schema, clock)
-        known = info.compressed and info.end_ns is not None
-        stop = info.end_ns if known else proven
-        if declared_end is not None and declared_end >= stop:
-            stop, known = declared_end, True
-        spans.append((info, info.start_ns, max(stop, info.start_ns), known))
-    spans.sort(key=lambda s: s[1])
+    inputs: dict[Path, _Input] = {}
+    try:
+        for info in infos:
+            known = info.compressed and info.end_ns is not None
+            got = inputs[info.path] = _Input.read(raw, info, schema, clock, scan=not known)
+            stop = info.end_ns if known else got.proven_end
+            assert stop is not None
+            if declared_end is not None and declared_end >= stop:
+                stop, known = declared_end, True
+            spans.append((info, info.start_ns, max(stop, info.start_ns), known))
+        spans.sort(key=lambda s: s[1])
+        return _plan_inputs(settings, paths, infos, stype, spans, inputs, out)
+    finally:
+        for got in inputs.values():
+            got.drop()  # the ones not kept
+
+
+def _plan_inputs(settings: Settings, paths: list[Path], infos: list[dbnfile.DbnInfo], stype: str,
+                 spans: list[tuple[dbnfile.DbnInfo, int, int, bool]], inputs: dict[Path, _Input],
+                 out: TextIO) -> Plan:
+    """The --from-dbn plan once every file is read: what each symbol's file lacks."""
+    dataset, schema = settings.databento.dataset, settings.databento.schema
     names = list(dict.fromkeys(n for info in infos for n in info.symbols))
     writers = make_writers(settings, dataset, stype)
     raw = _raw_root(settings, dataset)
@@ -971,7 +1055,7 @@ def plan_dbn_files(
             log.info("already in the store", path=str(info.path))
             skipped += 1
             continue
-        source = _keep_input(raw, info.path)  # workers read it from the archive, not from here
+        source = inputs[info.path].keep(raw)  # workers read it from the archive, not from here
         items.append(Item(raw / source, parts, source, known, info.path.name, by_symbol=False))
     new = {n: [i for i in items if n in i.spans] for n in names}
     rebuild = _rebuilds(states, new, set())

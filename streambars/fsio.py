@@ -54,6 +54,16 @@ def _temp_name(dest: Path) -> Path:
     return dest.with_name(f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
 
 
+def temp_beside(dest: str | os.PathLike[str]) -> Path:
+    """A fresh temp path beside ``dest`` (not created; its directory made, temps of dead
+    processes there removed), for a file whose final name is known only once it is written:
+    finish it with :func:`replace_file`, or unlink it."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(dest.parent)
+    return _temp_name(dest)
+
+
 @contextmanager
 def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
     """A fresh temp path (not created) beside ``dest``; on a clean exit it becomes ``dest``.

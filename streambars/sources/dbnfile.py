@@ -52,7 +52,6 @@ from typing import BinaryIO
 import databento_dbn
 import numpy as np
 import zstandard
-from databento.common.constants import SCHEMA_STRUCT_MAP, SCHEMA_STRUCT_MAP_V1, SCHEMA_STRUCT_MAP_V2
 
 from .. import archive
 from ..errors import SourceError
@@ -105,49 +104,84 @@ def _fail(p: Path, what: str) -> SourceError:
 # ----------------------------------------------------------------------------- byte stream
 
 
+class _Tee:
+    """A file whose bytes, as they are read, are also handed to ``sink`` (hash and copy a
+    file in the same read that decodes it)."""
+
+    def __init__(self, f: BinaryIO, sink: Callable[[bytes], None]):
+        self._f, self._sink = f, sink
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        if data:
+            self._sink(data)
+        return data
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def close(self) -> None:
+        self._f.close()
+
+
 class _Stream:
     """Decompressed bytes of a DBN file (plain or zstd, any number of frames), strict about
     a frame cut short. ``read(n)`` returns exactly n bytes, fewer only at the end."""
 
-    def __init__(self, p: Path):
+    def __init__(self, p: Path, tee: Callable[[bytes], None] | None = None):
         self.path = p
         self._f: BinaryIO = open(p, "rb")  # noqa: SIM115 - closed in close()
         head = self._f.read(4)
         self._f.seek(0)
+        if tee is not None:
+            self._f = _Tee(self._f, tee)  # type: ignore[assignment]
         self.compressed = head == ZSTD_MAGIC
         if not self.compressed and head[:3] != b"DBN":
             self._f.close()
             raise _fail(p, "neither zstd nor DBN (bad magic bytes)")
         self._pieces = FrameReader(self._f, _READ_SIZE) if self.compressed else None
         self._chunks = self._pieces.pieces() if self._pieces else None
-        self._buf = bytearray()
+        # decompressed pieces not yet read: joined once per read (a bytearray grown and cut
+        # from the front cost three copies of every byte)
+        self._parts: list[bytes | memoryview] = []
+        self._have = 0
         self._eof = False
 
     def _fill(self, n: int) -> None:
-        while len(self._buf) < n and not self._eof:
+        while self._have < n and not self._eof:
             if self._chunks is None:
-                raw = self._f.read(_READ_SIZE)
-                if raw:
-                    self._buf += raw
-                else:
+                data = self._f.read(_READ_SIZE)
+                if not data:
                     self._eof = True
-                continue
-            try:
-                piece = next(self._chunks, None)
-            except zstandard.ZstdError as e:
-                raise _fail(self.path, f"corrupt zstd data ({e})") from None
-            if piece is None:
-                self._eof = True
-                if self._pieces is not None and self._pieces.cut_off:
-                    raise _fail(self.path, "truncated: the last zstd frame is cut off")
-                return
-            self._buf += piece[0]
+                    continue
+            else:
+                try:
+                    piece = next(self._chunks, None)
+                except zstandard.ZstdError as e:
+                    raise _fail(self.path, f"corrupt zstd data ({e})") from None
+                if piece is None:
+                    self._eof = True
+                    if self._pieces is not None and self._pieces.cut_off:
+                        raise _fail(self.path, "truncated: the last zstd frame is cut off")
+                    return
+                data = piece[0]
+            if data:
+                self._parts.append(data)
+                self._have += len(data)
+
+    def read_view(self, n: int) -> memoryview:
+        """The next ``n`` bytes (fewer only at the end) as a read-only view: one copy."""
+        self._fill(n)
+        if not self._parts:
+            return memoryview(b"")
+        whole = memoryview(self._parts[0] if len(self._parts) == 1 else b"".join(self._parts))
+        out, rest = whole[:n], whole[n:]
+        self._parts = [rest] if len(rest) else []
+        self._have = len(rest)
+        return out
 
     def read(self, n: int) -> bytes:
-        self._fill(n)
-        out = bytes(self._buf[:n])
-        del self._buf[:n]
-        return out
+        return bytes(self.read_view(n))
 
     def consumed(self) -> int:
         """Bytes of the file read so far (compressed bytes for zstd): the basis of an ETA."""
@@ -240,10 +274,27 @@ def describe(path: str | os.PathLike[str], *, symbol: str | None = None, stype_i
 # ----------------------------------------------------------------------------- records
 
 
+#: The databento_dbn record class of each input kind (as databento's SCHEMA_STRUCT_MAP* map
+#: them). Importing ``databento`` itself pulls in pandas and pyarrow: ~180 MB resident in a
+#: backfill that never uses them; other schemas still go through databento's maps.
+_INPUT_STRUCTS = {"ohlcv": "OHLCVMsg", "trades": "TradeMsg"}
+
+
 def record_dtype(schema: str, version: int = 3, ts_out: bool = False) -> np.dtype:
     """The numpy dtype of one record of ``schema`` as stored in a DBN file of ``version``."""
-    smap = {1: SCHEMA_STRUCT_MAP_V1, 2: SCHEMA_STRUCT_MAP_V2}.get(version, SCHEMA_STRUCT_MAP)
-    fields = list(smap[databento_dbn.Schema(schema)]._dtypes)
+    struct = _INPUT_STRUCTS.get(schema[:5] if schema.startswith("ohlcv") else schema)
+    if struct is not None:  # databento's SCHEMA_STRUCT_MAP* classes, straight from databento_dbn
+        module = {1: databento_dbn.v1, 2: databento_dbn.v2}.get(version, databento_dbn)
+        fields = list(getattr(module, struct)._dtypes)
+    else:
+        from databento.common.constants import (
+            SCHEMA_STRUCT_MAP,
+            SCHEMA_STRUCT_MAP_V1,
+            SCHEMA_STRUCT_MAP_V2,
+        )
+
+        smap = {1: SCHEMA_STRUCT_MAP_V1, 2: SCHEMA_STRUCT_MAP_V2}.get(version, SCHEMA_STRUCT_MAP)
+        fields = list(smap[databento_dbn.Schema(schema)]._dtypes)
     if ts_out:
         fields.append(("ts_out", "u8"))
     return np.dtype(fields)
@@ -255,8 +306,10 @@ def iter_records(
     expected_schema: str | None = None,
     chunk_records: int = CHUNK_RECORDS,
     position: Callable[[int], None] | None = None,
+    tee: Callable[[bytes], None] | None = None,
 ) -> Iterator[tuple[DbnInfo, np.ndarray]]:
-    """Yield (info, structured array of DBN structs) chunks of at most ``chunk_records``.
+    """Yield (info, structured array of DBN structs) chunks of at most ``chunk_records``;
+    ``tee`` receives every byte of the file as read (once the last chunk is out: all of it).
 
     ``position(n)``, if given, is told the bytes of the file read so far before each chunk
     is yielded (progress: a file's size is known up front, its record count is not).
@@ -267,7 +320,7 @@ def iter_records(
     p = Path(path)
     if not p.is_file():
         raise SourceError(f"DBN file {p}: no such file")
-    with _Stream(p) as s:
+    with _Stream(p, tee) as s:
         md, mlen = _read_metadata(s)
         info = _info(p, md, mlen, s.compressed)
         schema = info.schema
@@ -282,7 +335,7 @@ def iter_records(
         rtypes = np.array(_RTYPES[schema], dtype=np.uint8)
         done = 0
         while True:
-            raw = s.read(size * chunk_records)
+            raw = s.read_view(size * chunk_records)
             if not raw:
                 return
             loose = len(raw) % size
@@ -290,7 +343,8 @@ def iter_records(
                 raise _fail(p, f"truncated: record {done + len(raw) // size} is cut off "
                                f"({loose} of {size} bytes)")
             arr = np.frombuffer(raw, dtype=dtype)
-            bad = (arr["length"] != want_len) | ~np.isin(arr["rtype"], rtypes)
+            rt = arr["rtype"]
+            bad = (arr["length"] != want_len) | ((rt != rtypes[0]) & (rt != rtypes[-1]))
             if bad.any():
                 i = int(np.argmax(bad))
                 raise _fail(p, f"corrupt record {done + i} (length={arr['length'][i]}, "

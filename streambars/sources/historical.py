@@ -53,11 +53,9 @@ import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
-
-import pandas as pd
 
 from .. import archive
 from ..errors import AuthenticationError, DatasetError, SourceError, StoreError
@@ -68,7 +66,9 @@ from . import dbnfile
 log = get_logger("streambars.sources.historical")
 
 T = TypeVar("T")
-When = datetime | date | str | int | pd.Timestamp
+#: pandas.Timestamp is a datetime: accepted too (pandas is not imported here: a backfill from the
+#: raw archive would carry its ~100 MB for nothing).
+When = datetime | date | str | int
 
 
 class UnknownSymbolError(SourceError):
@@ -126,10 +126,22 @@ class DownloadResult:
 
 
 def _describe_range(start: int, end: int) -> str:
-    a = pd.Timestamp(start, tz="UTC")
-    b = pd.Timestamp(end, tz="UTC")
-    fmt = "%Y-%m-%d" if a.value % 86_400_000_000_000 == 0 and b.value % 86_400_000_000_000 == 0 else "%Y-%m-%dT%H:%M:%S"
-    return f"[{a.strftime(fmt)}, {b.strftime(fmt)})"
+    day = 86_400_000_000_000
+    fmt = "%Y-%m-%d" if start % day == 0 and end % day == 0 else "%Y-%m-%dT%H:%M:%S"
+    return f"[{_utc(start).strftime(fmt)}, {_utc(end).strftime(fmt)})"
+
+
+def _utc(ns: int) -> datetime:
+    """A UTC datetime of integer nanoseconds (seconds precision is all it is printed with)."""
+    return datetime.fromtimestamp(ns // 1_000_000_000, UTC)
+
+
+def _days(start: When, end: When) -> tuple[date, date]:
+    """The dates [first, last + 1 day] a range of any accepted type touches, for the date-based
+    symbology endpoints."""
+    a, b = to_ns(start), to_ns(end)
+    assert a is not None and b is not None
+    return _utc(a).date(), (_utc(b - 1) + timedelta(days=1)).date()
 
 
 class HistoricalSource:
@@ -193,8 +205,7 @@ class HistoricalSource:
                         start: When, end: When) -> tuple[dict[str, list[dict[str, str]]], list[str]]:
         """``symbology.resolve`` (free): ({symbol: [{d0, d1, s}, ...]}, [not found symbols])."""
         syms = list(symbols)
-        d0 = pd.Timestamp(to_ns(start), tz="UTC").date()
-        d1 = (pd.Timestamp(to_ns(end) - 1, tz="UTC") + pd.Timedelta(days=1)).date()
+        d0, d1 = _days(start, end)
         what = f"resolve {dataset} {stype_in} {','.join(syms)}"
 
         def call() -> dict[str, Any]:
@@ -217,8 +228,7 @@ class HistoricalSource:
         ids = sorted({int(i) for i in instrument_ids})
         if not ids:
             return {}
-        d0 = pd.Timestamp(to_ns(start), tz="UTC").date()
-        d1 = (pd.Timestamp(to_ns(end) - 1, tz="UTC") + pd.Timedelta(days=1)).date()
+        d0, d1 = _days(start, end)
         out: dict[int, str] = {}
         for i in range(0, len(ids), 2000):
             part = [str(x) for x in ids[i:i + 2000]]

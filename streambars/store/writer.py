@@ -28,6 +28,7 @@ from ..observe import get_logger
 from ..records import BAR_DTYPE, TAGGED_BAR_DTYPE, BarBatch
 from ..timeframes import Session, Timeframe, parse_timeframe
 from ..version import __version__
+from .gather import scatter_rows
 from .layout import (
     BARS,
     HWM,
@@ -563,9 +564,17 @@ class StoreWriterSet:
         keys = np.flatnonzero(counts)
         if keys.size == 1:
             return [(int(keys[0]), as_bars(bars, "tagged bars"))]
+        n = bars.shape[0]
+        offset = _bar_offset(bars.dtype)
+        if offset is not None and n <= _GATHER_KEEP_ROWS:
+            if self._gather.shape[0] < n:
+                self._gather = np.empty(n, self._gather.dtype)
+            if scatter_rows(bars, offset, key, counts, self._gather):
+                rows = self._gather[:n].view(BAR_DTYPE)
+                ends = np.cumsum(counts[keys])
+                return [(int(k), rows[hi - counts[k] : hi]) for k, hi in zip(keys, ends, strict=True)]
         order = np.argsort(key.astype(np.uint16) if nkeys <= 1 << 16 else key, kind="stable")
         raw = bar_bytes(bars)
-        n = order.shape[0]
         if raw is None:
             rows = as_bars(bars, "tagged bars")[order]
         elif n > _GATHER_KEEP_ROWS:  # a rare huge batch: do not keep its buffer alive
