@@ -107,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Backfill the bundled sample (no API key, no network) into the "
                        "store, then print the inspect table and the last 1min bars.")
     _common(p)
-    p.set_defaults(handler=_cmd_demo)
+    # The demo shows its own summary: info logs would interleave with its table (raise with
+    # --log-level info to see them).
+    p.set_defaults(handler=_cmd_demo, log_level="warning")
 
     p = sub.add_parser("check", help="test the API key and the connection to Databento",
                        description="Verify the API key (DATABENTO_API_KEY from the environment or "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -65,7 +66,12 @@ def test_demo_runs_from_a_clean_folder_and_logs_json(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert "ESM4" in p.stdout and "1min" in p.stdout and "validation: no rule broken" in p.stdout
     assert (tmp_path / "store" / "GLBX.MDP3" / "ESM4.h5").is_file()
-    # stderr is not a terminal here: every log line is one JSON object.
+    # The demo's own summary is not interleaved with info logs ...
+    assert p.stderr.strip() == "", p.stderr[-3000:]
+    # ... which --log-level info brings back; stderr is not a terminal: each is one JSON object.
+    shutil.rmtree(tmp_path / "store")
+    p = _run("demo", "--log-level", "info", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert lines
     for ln in lines:

@@ -307,7 +307,7 @@ def test_backfill_on_a_terminal_logs_above_the_bar(tmp_path, expected):
     saw '...2024-01 ES.c.02026-11-25T21:13:43Z [info] month done'), the per-file counts are
     right, and the bar ends on the total."""
     rc, raw = run_in_pty(["backfill", "--store", str(tmp_path / "s"), "--from-dbn", str(SAMPLE), str(SMALL),
-                          *TIMEFRAMES], slow=0.02)
+                          *TIMEFRAMES], slow=0.06)
     lines = screen_lines(raw)
     assert "Traceback" not in raw
     assert rc == 0, raw[-3000:]
