@@ -65,6 +65,8 @@ def _child(args: list[str], slow: float) -> None:
     code = 99
     try:
         fcntl.ioctl(1, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
+        for name in ("COLUMNS", "LINES"):  # set by pytest-xdist's workers (80): rich would obey them
+            os.environ.pop(name, None)
         sys.stdout = open(1, "w", buffering=1, closefd=False, encoding="utf-8")  # noqa: SIM115
         sys.stderr = open(2, "w", buffering=1, closefd=False, encoding="utf-8")  # noqa: SIM115
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -318,8 +320,8 @@ def test_backfill_on_a_terminal_logs_above_the_bar(tmp_path, expected):
     bar = final_bar(lines, "backfill")
     assert _figure(bar, "records") == sum(expected.values()) and "[2/2 files]" in bar
     # mid-run frames carry an ETA (from the input bytes read of the files' sizes)
-    assert any("ETA" in s and 0 < _figure(s, "records") < sum(expected.values())
-               for s in lines if s.startswith("backfill "))
+    frames = [s for s in lines if s.startswith("backfill ")]
+    assert any("ETA" in s and 0 < _figure(s, "records") < sum(expected.values()) for s in frames), frames
     assert "\x1b[?25h" in raw  # the cursor is shown again
 
 
