@@ -348,21 +348,26 @@ def _run_root(series, ts, op, hi, lo, cl, vol, i, n, s, st, b, sb, max_volume, i
 
 @numba.njit(cache=True, inline="always", _nrt=False)
 def _run_exact(series, ts, op, hi, lo, cl, vol, i, n, s, st, b, sb, c1, out, nout, n_levels,
-               max_volume, interval, tz, inv, lim, low):
+               max_volume, interval, tz, inv, lim, low, fail_mask):
     """Records ``i..`` of series ``s`` when the finest level is the input interval (1s bars
-    into 1s, 5s, ...) and feeds level 1 alone: each record closes the running finest bar, which
-    is emitted and folded into level 1, both held in registers and written back once. Stops
-    before a record that would close level 1 (the general path cascades it), that is not clean
-    or not past the finest bar (a tie), that would overflow a volume, or when ``out`` is full.
-    Returns ``(first record not taken, nout)``."""
+    into 1s, 5s, ...) and feeds level 1 alone: each record closes the running finest bar,
+    which is emitted and folded into level 1, both held in registers. A coarser level can
+    only close when level 1 does, so one comparison a record (``t >= end of level 1``)
+    decides whether the closing cascade (:func:`_levels`, from level 2) runs at all. Stops
+    before a record that is not clean, not past the finest bar (a tie), of another series,
+    that would overflow level 1's volume, or when ``out`` is full; the general path takes it.
+    Returns ``(first record not taken, nout, failed)``: failed means that record's cascade
+    broke volume_overflow with policy fail (the state is then the general path's)."""
     b1 = b + N_LEVEL_FIELDS
-    t0, e0 = st[_U(b + L_START)], st[_U(b + L_END)]
+    a0, t0, e0 = st[_U(b + L_ACTIVE)], st[_U(b + L_START)], st[_U(b + L_END)]
     o0, h0, l0, k0 = st[_U(b + L_OPEN)], st[_U(b + L_HIGH)], st[_U(b + L_LOW)], st[_U(b + L_CLOSE)]
     v0, n0 = np.uint64(st[_U(b + L_VOLUME)]), st[_U(b + L_COUNT)]
     a1, s1, e1 = st[_U(b1 + L_ACTIVE)], st[_U(b1 + L_START)], st[_U(b1 + L_END)]
     o1, h1, l1, k1 = st[_U(b1 + L_OPEN)], st[_U(b1 + L_HIGH)], st[_U(b1 + L_LOW)], st[_U(b1 + L_CLOSE)]
     v1, n1 = np.uint64(st[_U(b1 + L_VOLUME)]), st[_U(b1 + L_COUNT)]
+    last = st[_U(sb + S_LAST)]
     cap = out.shape[0]
+    failed = False
     j = i
     while j < n and nout + n_levels <= cap:
         uj = _U(j)
@@ -374,13 +379,11 @@ def _run_exact(series, ts, op, hi, lo, cl, vol, i, n, s, st, b, sb, c1, out, nou
             break
         # the finest bar closes and folds into level 1 (opening it, as _fold_bar does)
         if a1 == 0:
-            ns, ne = bucket(st, t0, st[_U(c1 + C_NANOS)], st[_U(c1 + C_DAILY)], e1)
-            if t >= ne:
-                break
-            a1, s1, e1, o1, h1, l1, v1, n1 = 1, ns, ne, o0, h0, l0, v0, n0
+            s1, e1 = bucket(st, t0, st[_U(c1 + C_NANOS)], st[_U(c1 + C_DAILY)], e1)
+            a1, o1, h1, l1, v1, n1 = 1, o0, h0, l0, v0, n0
         else:
             summed = v1 + v0
-            if t >= e1 or summed < v1:
+            if summed < v1:
                 break
             v1 = summed
             h1 = max(h1, h0)
@@ -398,29 +401,45 @@ def _run_exact(series, ts, op, hi, lo, cl, vol, i, n, s, st, b, sb, c1, out, nou
         row.volume = v0
         row.count = np.uint32(n0)
         nout += 1
-        t0, e0, o0, h0, l0, k0, v0, n0 = t, t + interval, o, h, lw, c, v, 1
+        if t >= e1:  # level 1 closes: emit it and cascade from level 2 (state in st for that)
+            st[_U(b1 + L_START)] = s1
+            st[_U(b1 + L_END)] = e1
+            st[_U(b1 + L_OPEN)] = o1
+            st[_U(b1 + L_HIGH)] = h1
+            st[_U(b1 + L_LOW)] = l1
+            st[_U(b1 + L_CLOSE)] = k1
+            st[_U(b1 + L_VOLUME)] = np.int64(v1)
+            st[_U(b1 + L_COUNT)] = n1
+            nout = _emit(st, b1, s, 1, out, nout)
+            a1 = 0
+            st[_U(c1 + C_MARK)] = j
+            nout = _levels(st, s, t, j, False, out, nout, 2, st[_U(c1 + C_CHILDREN)])
+            if st[_U(H_FOLD_OVERFLOW)] != 0 and _fold_overflowed(st, sb, t, fail_mask):
+                a0, last, failed = 0, t, True  # the finest bar stays emitted, the record out
+                break
+        a0, t0, e0, o0, h0, l0, k0, v0, n0 = 1, t, t + interval, o, h, lw, c, v, 1
+        last = t
         j += 1
-    if j > i:
-        st[_U(b + L_ACTIVE)] = 1
-        st[_U(b + L_START)] = t0
-        st[_U(b + L_END)] = e0
-        st[_U(b + L_OPEN)] = o0
-        st[_U(b + L_HIGH)] = h0
-        st[_U(b + L_LOW)] = l0
-        st[_U(b + L_CLOSE)] = k0
-        st[_U(b + L_VOLUME)] = np.int64(v0)
-        st[_U(b + L_COUNT)] = n0
-        st[_U(b1 + L_ACTIVE)] = a1
-        st[_U(b1 + L_START)] = s1
-        st[_U(b1 + L_END)] = e1
-        st[_U(b1 + L_OPEN)] = o1
-        st[_U(b1 + L_HIGH)] = h1
-        st[_U(b1 + L_LOW)] = l1
-        st[_U(b1 + L_CLOSE)] = k1
-        st[_U(b1 + L_VOLUME)] = np.int64(v1)
-        st[_U(b1 + L_COUNT)] = n1
-        st[_U(sb + S_LAST)] = t0
-    return j, nout
+    st[_U(b + L_ACTIVE)] = a0
+    st[_U(b + L_START)] = t0
+    st[_U(b + L_END)] = e0
+    st[_U(b + L_OPEN)] = o0
+    st[_U(b + L_HIGH)] = h0
+    st[_U(b + L_LOW)] = l0
+    st[_U(b + L_CLOSE)] = k0
+    st[_U(b + L_VOLUME)] = np.int64(v0)
+    st[_U(b + L_COUNT)] = n0
+    st[_U(b1 + L_ACTIVE)] = a1
+    st[_U(b1 + L_START)] = s1
+    st[_U(b1 + L_END)] = e1
+    st[_U(b1 + L_OPEN)] = o1
+    st[_U(b1 + L_HIGH)] = h1
+    st[_U(b1 + L_LOW)] = l1
+    st[_U(b1 + L_CLOSE)] = k1
+    st[_U(b1 + L_VOLUME)] = np.int64(v1)
+    st[_U(b1 + L_COUNT)] = n1
+    st[_U(sb + S_LAST)] = last
+    return j, nout, failed
 
 
 # Explicit signatures: compiled (or loaded from the cache) once at import, and a batch of any
@@ -571,9 +590,11 @@ def aggregate(series, ts, op, hi, lo, cl, vol, start, st, out):
             st[_U(base + L_COUNT)] = 1
             st[_U(sb + S_LAST)] = t
             if run == RUN_EXACT and i + 1 < n and series[_U(i + 1)] == s:
-                i, nout = _run_exact(series, ts, op, hi, lo, cl, vol, i + 1, n, s, st, base, sb,
-                                     cfg + N_CFG_FIELDS, out, nout, n_levels, max_volume, interval,
-                                     tz, inv, lim, low)
+                i, nout, failed = _run_exact(series, ts, op, hi, lo, cl, vol, i + 1, n, s, st, base, sb,
+                                             cfg + N_CFG_FIELDS, out, nout, n_levels, max_volume,
+                                             interval, tz, inv, lim, low, fail_mask)
+                if failed:
+                    return i, nout, FAIL, VOLUME_OVERFLOW
                 i -= 1
             continue
         # volume_overflow by the record itself: it can only overflow a running root bar it
@@ -643,8 +664,10 @@ def aggregate(series, ts, op, hi, lo, cl, vol, start, st, out):
             i = _run_root(series, ts, op, hi, lo, cl, vol, i + 1, n, s, st, base, sb, max_volume,
                           interval, tz, inv, lim, low) - 1
         elif run == RUN_EXACT and i + 1 < n and series[_U(i + 1)] == s and st[_U(base + L_ACTIVE)] != 0:
-            i, nout = _run_exact(series, ts, op, hi, lo, cl, vol, i + 1, n, s, st, base, sb,
-                                 cfg + N_CFG_FIELDS, out, nout, n_levels, max_volume, interval,
-                                 tz, inv, lim, low)
+            i, nout, failed = _run_exact(series, ts, op, hi, lo, cl, vol, i + 1, n, s, st, base, sb,
+                                         cfg + N_CFG_FIELDS, out, nout, n_levels, max_volume,
+                                         interval, tz, inv, lim, low, fail_mask)
+            if failed:
+                return i, nout, FAIL, VOLUME_OVERFLOW
             i -= 1
     return n, nout, OK, 0
