@@ -26,6 +26,13 @@ checked in turn, so most records touch one or two levels instead of all of them.
 flush has closed a root (or for a series' first record) one full sweep restores the
 invariant that every running bar contains the series' clock.
 
+That is the general path. With one root level, the records of a series that follow one
+another take a run loop instead, the running bars held in registers and written back once
+(:func:`_run_root`: records into the root's bar, which they close and open; :func:`_run_exact`: input bars at the
+finest level's interval, each closing the previous one into level 1, the cascade entered
+only at level 1's end). A run hands every other record back to the general path, so the
+bars and the state are the general path's (tests/test_engine_kernel_diff.py).
+
 Volumes are uint64 sums and saturate at 2**64 - 1 instead of wrapping (rule volume_overflow).
 A record whose own volume would overflow a running root bar is checked before anything
 changes, so its policy applies like any rule's. A closed bar folded into a coarser running bar
@@ -307,43 +314,68 @@ def _clean(t, o, h, lw, c, v, max_volume, interval, tz, inv, lim, low):
 
 
 @numba.njit(cache=True, inline="always", _nrt=False)
-def _run_root(series, ts, op, hi, lo, cl, vol, i, n, s, st, b, sb, max_volume, interval, tz, inv, lim, low):
-    """Records ``i..`` of series ``s`` while they fall inside the running bar of the only root
-    level (at ``st[b:]``) and are clean: folded with the bar held in registers, written back
-    once. Returns the first record not taken; the general path handles it exactly as before
-    (it closes the bar, breaks a rule, ties the clock back, or overflows the volume)."""
+def _run_root(series, ts, op, hi, lo, cl, vol, i, n, s, st, b, sb, c0, out, nout, n_levels,
+              max_volume, interval, tz, inv, lim, low, fail_mask):
+    """Records ``i..`` of series ``s`` with one root level (at ``st[b:]``, cfg row ``c0``):
+    each clean record is folded into the root's bar held in registers; one that reaches the
+    bar's end first runs the general path's closing cascade (:func:`_levels`) and opens the
+    next bar with itself. Stops before a record that is not clean, late, of another series,
+    that would overflow the bar's volume, or when ``out`` is full; the general path takes it.
+    Returns ``(first record not taken, nout, failed)``: failed means that record's cascade
+    broke volume_overflow with policy fail (the state is then the general path's)."""
     end = st[_U(b + L_END)]
     hh, ll, cc = st[_U(b + L_HIGH)], st[_U(b + L_LOW)], st[_U(b + L_CLOSE)]
     vv = np.uint64(st[_U(b + L_VOLUME)])
     nn = st[_U(b + L_COUNT)]
-    prev = max(st[_U(sb + S_LAST)], st[_U(sb + S_FLOOR)])
+    last = st[_U(sb + S_LAST)]
+    prev = max(last, st[_U(sb + S_FLOOR)])
+    cap = out.shape[0]
+    failed = False
     j = i
-    while j < n:
+    while j < n and nout + n_levels <= cap:
         uj = _U(j)
         t = ts[uj]
-        if series[uj] != s or t >= end or t < prev:
+        if series[uj] != s or t < prev:
             break
         o, h, lw, c, v = op[uj], hi[uj], lo[uj], cl[uj], vol[uj]
         if not _clean(t, o, h, lw, c, v, max_volume, interval, tz, inv, lim, low):
             break
-        summed = vv + v
-        if summed < vv:
-            break
-        vv = summed
-        hh = max(hh, h)
-        ll = min(ll, lw)
-        cc = c
-        nn += 1
+        if t >= end:  # the bar closes: the cascade from the state in st, then the next bar
+            st[_U(b + L_HIGH)] = hh
+            st[_U(b + L_LOW)] = ll
+            st[_U(b + L_CLOSE)] = cc
+            st[_U(b + L_VOLUME)] = np.int64(vv)
+            st[_U(b + L_COUNT)] = nn
+            nout = _levels(st, s, t, j, False, out, nout, 0, 0)
+            if st[_U(H_FOLD_OVERFLOW)] != 0 and _fold_overflowed(st, sb, t, fail_mask):
+                failed = True  # the bar stays closed, the record out, the clock at it
+                break
+            start, end = bucket(st, t, st[_U(c0 + C_NANOS)], st[_U(c0 + C_DAILY)], end)
+            st[_U(b + L_ACTIVE)] = 1
+            st[_U(b + L_START)] = start
+            st[_U(b + L_END)] = end
+            st[_U(b + L_OPEN)] = o
+            hh, ll, cc, vv, nn = h, lw, c, v, 1
+        else:
+            summed = vv + v
+            if summed < vv:
+                break
+            vv = summed
+            hh = max(hh, h)
+            ll = min(ll, lw)
+            cc = c
+            nn += 1
         prev = t
+        last = t
         j += 1
-    if j > i:
+    if not failed:
         st[_U(b + L_HIGH)] = hh
         st[_U(b + L_LOW)] = ll
         st[_U(b + L_CLOSE)] = cc
         st[_U(b + L_VOLUME)] = np.int64(vv)
         st[_U(b + L_COUNT)] = nn
-        st[_U(sb + S_LAST)] = prev
-    return j
+        st[_U(sb + S_LAST)] = last
+    return j, nout, failed
 
 
 @numba.njit(cache=True, inline="always", _nrt=False)
@@ -661,8 +693,12 @@ def aggregate(series, ts, op, hi, lo, cl, vol, start, st, out):
                 st[_U(b + L_COUNT)] += 1
         st[_U(sb + S_LAST)] = last
         if run == RUN_ROOT and i + 1 < n and series[_U(i + 1)] == s and st[_U(base + L_ACTIVE)] != 0:
-            i = _run_root(series, ts, op, hi, lo, cl, vol, i + 1, n, s, st, base, sb, max_volume,
-                          interval, tz, inv, lim, low) - 1
+            i, nout, failed = _run_root(series, ts, op, hi, lo, cl, vol, i + 1, n, s, st, base, sb, cfg,
+                                        out, nout, n_levels, max_volume, interval, tz, inv, lim, low,
+                                        fail_mask)
+            if failed:
+                return i, nout, FAIL, VOLUME_OVERFLOW
+            i -= 1
         elif run == RUN_EXACT and i + 1 < n and series[_U(i + 1)] == s and st[_U(base + L_ACTIVE)] != 0:
             i, nout, failed = _run_exact(series, ts, op, hi, lo, cl, vol, i + 1, n, s, st, base, sb,
                                          cfg + N_CFG_FIELDS, out, nout, n_levels, max_volume,
