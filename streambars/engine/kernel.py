@@ -26,6 +26,13 @@ checked in turn, so most records touch one or two levels instead of all of them.
 flush has closed a root (or for a series' first record) one full sweep restores the
 invariant that every running bar contains the series' clock.
 
+That is the general path. With one root level, the records of a series that follow one
+another take a run loop instead, the running bars held in registers and written back once
+(:func:`_run_root`: records into the root's bar, which they close and open; :func:`_run_exact`: input bars at the
+finest level's interval, each closing the previous one into level 1, the cascade entered
+only at level 1's end). A run hands every other record back to the general path, so the
+bars and the state are the general path's (tests/test_engine_kernel_diff.py).
+
 Volumes are uint64 sums and saturate at 2**64 - 1 instead of wrapping (rule volume_overflow).
 A record whose own volume would overflow a running root bar is checked before anything
 changes, so its policy applies like any rule's. A closed bar folded into a coarser running bar
@@ -71,6 +78,8 @@ N_SERIES_FIELDS = S_FIRST + N_FIRST * N_RECORD_RULES
 
 # kernel status
 OK, FULL, GROW, FAIL, BAD_SERIES = range(5)
+# which run loop follows a record (aggregate() picks it from the configuration)
+RUN_NONE, RUN_ROOT, RUN_EXACT = range(3)
 
 DAY_NS = 86_400 * 1_000_000_000
 U64_MAX = np.uint64(0xFFFFFFFFFFFFFFFF)  # a volume sum saturates here (volume_overflow)
@@ -293,6 +302,178 @@ def _flush(until, close_all, first_series, st, out):
     return n_series, np.int64(nout)
 
 
+@numba.njit(cache=True, inline="always", _nrt=False)
+def _clean(t, o, h, lw, c, v, max_volume, interval, tz, inv, lim, low):
+    """The common record in a few comparisons: breaks no per-record rule (its clock is checked
+    by the caller) and is aligned to the input interval (see aggregate() for the arithmetic)."""
+    ok = (lw > 0 and h < UNDEF_PRICE and lw <= o and lw <= c and o <= h and c <= h
+          and v != np.uint64(0) and (max_volume == np.uint64(0) or v <= max_volume))
+    if interval > 0:
+        ok = ok and t >= 0 and (t & low) == 0 and np.uint64(t >> tz) * inv <= lim
+    return ok
+
+
+@numba.njit(cache=True, inline="always", _nrt=False)
+def _run_root(series, ts, op, hi, lo, cl, vol, i, n, s, st, b, sb, c0, out, nout, n_levels,
+              max_volume, interval, tz, inv, lim, low, fail_mask):
+    """Records ``i..`` of series ``s`` with one root level (at ``st[b:]``, cfg row ``c0``):
+    each clean record is folded into the root's bar held in registers; one that reaches the
+    bar's end first runs the general path's closing cascade (:func:`_levels`) and opens the
+    next bar with itself. Stops before a record that is not clean, late, of another series,
+    that would overflow the bar's volume, or when ``out`` is full; the general path takes it.
+    Returns ``(first record not taken, nout, failed)``: failed means that record's cascade
+    broke volume_overflow with policy fail (the state is then the general path's)."""
+    end = st[_U(b + L_END)]
+    hh, ll, cc = st[_U(b + L_HIGH)], st[_U(b + L_LOW)], st[_U(b + L_CLOSE)]
+    vv = np.uint64(st[_U(b + L_VOLUME)])
+    nn = st[_U(b + L_COUNT)]
+    last = st[_U(sb + S_LAST)]
+    prev = max(last, st[_U(sb + S_FLOOR)])
+    cap = out.shape[0]
+    failed = False
+    j = i
+    while j < n and nout + n_levels <= cap:
+        uj = _U(j)
+        t = ts[uj]
+        if series[uj] != s or t < prev:
+            break
+        o, h, lw, c, v = op[uj], hi[uj], lo[uj], cl[uj], vol[uj]
+        if not _clean(t, o, h, lw, c, v, max_volume, interval, tz, inv, lim, low):
+            break
+        if t >= end:  # the bar closes: the cascade from the state in st, then the next bar
+            st[_U(b + L_HIGH)] = hh
+            st[_U(b + L_LOW)] = ll
+            st[_U(b + L_CLOSE)] = cc
+            st[_U(b + L_VOLUME)] = np.int64(vv)
+            st[_U(b + L_COUNT)] = nn
+            nout = _levels(st, s, t, j, False, out, nout, 0, 0)
+            if st[_U(H_FOLD_OVERFLOW)] != 0 and _fold_overflowed(st, sb, t, fail_mask):
+                failed = True  # the bar stays closed, the record out, the clock at it
+                break
+            start, end = bucket(st, t, st[_U(c0 + C_NANOS)], st[_U(c0 + C_DAILY)], end)
+            st[_U(b + L_ACTIVE)] = 1
+            st[_U(b + L_START)] = start
+            st[_U(b + L_END)] = end
+            st[_U(b + L_OPEN)] = o
+            hh, ll, cc, vv, nn = h, lw, c, v, 1
+        else:
+            summed = vv + v
+            if summed < vv:
+                break
+            vv = summed
+            hh = max(hh, h)
+            ll = min(ll, lw)
+            cc = c
+            nn += 1
+        prev = t
+        last = t
+        j += 1
+    if not failed:
+        st[_U(b + L_HIGH)] = hh
+        st[_U(b + L_LOW)] = ll
+        st[_U(b + L_CLOSE)] = cc
+        st[_U(b + L_VOLUME)] = np.int64(vv)
+        st[_U(b + L_COUNT)] = nn
+        st[_U(sb + S_LAST)] = last
+    return j, nout, failed
+
+
+@numba.njit(cache=True, inline="always", _nrt=False)
+def _run_exact(series, ts, op, hi, lo, cl, vol, i, n, s, st, b, sb, c1, out, nout, n_levels,
+               max_volume, interval, tz, inv, lim, low, fail_mask):
+    """Records ``i..`` of series ``s`` when the finest level is the input interval (1s bars
+    into 1s, 5s, ...) and feeds level 1 alone: each record closes the running finest bar,
+    which is emitted and folded into level 1, both held in registers. A coarser level can
+    only close when level 1 does, so one comparison a record (``t >= end of level 1``)
+    decides whether the closing cascade (:func:`_levels`, from level 2) runs at all. Stops
+    before a record that is not clean, not past the finest bar (a tie), of another series,
+    that would overflow level 1's volume, or when ``out`` is full; the general path takes it.
+    Returns ``(first record not taken, nout, failed)``: failed means that record's cascade
+    broke volume_overflow with policy fail (the state is then the general path's)."""
+    b1 = b + N_LEVEL_FIELDS
+    a0, t0, e0 = st[_U(b + L_ACTIVE)], st[_U(b + L_START)], st[_U(b + L_END)]
+    o0, h0, l0, k0 = st[_U(b + L_OPEN)], st[_U(b + L_HIGH)], st[_U(b + L_LOW)], st[_U(b + L_CLOSE)]
+    v0, n0 = np.uint64(st[_U(b + L_VOLUME)]), st[_U(b + L_COUNT)]
+    a1, s1, e1 = st[_U(b1 + L_ACTIVE)], st[_U(b1 + L_START)], st[_U(b1 + L_END)]
+    o1, h1, l1, k1 = st[_U(b1 + L_OPEN)], st[_U(b1 + L_HIGH)], st[_U(b1 + L_LOW)], st[_U(b1 + L_CLOSE)]
+    v1, n1 = np.uint64(st[_U(b1 + L_VOLUME)]), st[_U(b1 + L_COUNT)]
+    last = st[_U(sb + S_LAST)]
+    cap = out.shape[0]
+    failed = False
+    j = i
+    while j < n and nout + n_levels <= cap:
+        uj = _U(j)
+        t = ts[uj]
+        if series[uj] != s or t < e0:
+            break
+        o, h, lw, c, v = op[uj], hi[uj], lo[uj], cl[uj], vol[uj]
+        if not _clean(t, o, h, lw, c, v, max_volume, interval, tz, inv, lim, low):
+            break
+        # the finest bar closes and folds into level 1 (opening it, as _fold_bar does)
+        if a1 == 0:
+            s1, e1 = bucket(st, t0, st[_U(c1 + C_NANOS)], st[_U(c1 + C_DAILY)], e1)
+            a1, o1, h1, l1, v1, n1 = 1, o0, h0, l0, v0, n0
+        else:
+            summed = v1 + v0
+            if summed < v1:
+                break
+            v1 = summed
+            h1 = max(h1, h0)
+            l1 = min(l1, l0)
+            n1 += n0
+        k1 = k0
+        row = out[_U(nout)]
+        row.series = s
+        row.timeframe = 0
+        row.ts_event = t0
+        row.open = o0
+        row.high = h0
+        row.low = l0
+        row.close = k0
+        row.volume = v0
+        row.count = np.uint32(n0)
+        nout += 1
+        if t >= e1:  # level 1 closes: emit it and cascade from level 2 (state in st for that)
+            st[_U(b1 + L_START)] = s1
+            st[_U(b1 + L_END)] = e1
+            st[_U(b1 + L_OPEN)] = o1
+            st[_U(b1 + L_HIGH)] = h1
+            st[_U(b1 + L_LOW)] = l1
+            st[_U(b1 + L_CLOSE)] = k1
+            st[_U(b1 + L_VOLUME)] = np.int64(v1)
+            st[_U(b1 + L_COUNT)] = n1
+            nout = _emit(st, b1, s, 1, out, nout)
+            a1 = 0
+            st[_U(c1 + C_MARK)] = j
+            nout = _levels(st, s, t, j, False, out, nout, 2, st[_U(c1 + C_CHILDREN)])
+            if st[_U(H_FOLD_OVERFLOW)] != 0 and _fold_overflowed(st, sb, t, fail_mask):
+                a0, last, failed = 0, t, True  # the finest bar stays emitted, the record out
+                break
+        a0, t0, e0, o0, h0, l0, k0, v0, n0 = 1, t, t + interval, o, h, lw, c, v, 1
+        last = t
+        j += 1
+    st[_U(b + L_ACTIVE)] = a0
+    st[_U(b + L_START)] = t0
+    st[_U(b + L_END)] = e0
+    st[_U(b + L_OPEN)] = o0
+    st[_U(b + L_HIGH)] = h0
+    st[_U(b + L_LOW)] = l0
+    st[_U(b + L_CLOSE)] = k0
+    st[_U(b + L_VOLUME)] = np.int64(v0)
+    st[_U(b + L_COUNT)] = n0
+    st[_U(b1 + L_ACTIVE)] = a1
+    st[_U(b1 + L_START)] = s1
+    st[_U(b1 + L_END)] = e1
+    st[_U(b1 + L_OPEN)] = o1
+    st[_U(b1 + L_HIGH)] = h1
+    st[_U(b1 + L_LOW)] = l1
+    st[_U(b1 + L_CLOSE)] = k1
+    st[_U(b1 + L_VOLUME)] = np.int64(v1)
+    st[_U(b1 + L_COUNT)] = n1
+    st[_U(sb + S_LAST)] = last
+    return j, nout, failed
+
+
 # Explicit signatures: compiled (or loaded from the cache) once at import, and a batch of any
 # other dtype or layout is refused with TypeError (the wrapper converts it) instead of silently
 # compiling a new specialisation. No NRT: the kernels allocate nothing, and without reference
@@ -359,9 +540,21 @@ def aggregate(series, ts, op, hi, lo, cl, vol, start, st, out):
               and st[_U(cfg + C_SOURCE)] < 0)
     fast = exact0 and last_root == 0
     children0 = st[_U(cfg + C_CHILDREN)]
+    # after a record, the records of its series that follow it are taken by a run loop that
+    # holds the running bars in registers (see _run_root and _run_exact): with one root level,
+    # only a record that closes a bar (or breaks a rule) needs the general path below
+    run = RUN_NONE
+    if fast and n_levels > 1 and children0 == 1:
+        run = RUN_EXACT
+    elif last_root == 0 and not exact0:
+        run = RUN_ROOT
     _reset_marks(st)
     nout = 0
-    for i in range(start, n):
+    i = start - 1
+    while True:
+        i += 1
+        if i >= n:
+            break
         if nout + n_levels > cap:
             return i, nout, FULL, 0
         s = np.int64(series[_U(i)])
@@ -428,6 +621,13 @@ def aggregate(series, ts, op, hi, lo, cl, vol, start, st, out):
             st[_U(base + L_VOLUME)] = np.int64(v)
             st[_U(base + L_COUNT)] = 1
             st[_U(sb + S_LAST)] = t
+            if run == RUN_EXACT and i + 1 < n and series[_U(i + 1)] == s:
+                i, nout, failed = _run_exact(series, ts, op, hi, lo, cl, vol, i + 1, n, s, st, base, sb,
+                                             cfg + N_CFG_FIELDS, out, nout, n_levels, max_volume,
+                                             interval, tz, inv, lim, low, fail_mask)
+                if failed:
+                    return i, nout, FAIL, VOLUME_OVERFLOW
+                i -= 1
             continue
         # volume_overflow by the record itself: it can only overflow a running root bar it
         # lands in (t before its end), and must be known before anything changes so that drop
@@ -492,4 +692,18 @@ def aggregate(series, ts, op, hi, lo, cl, vol, start, st, out):
                 st[_U(b + L_CLOSE)] = c
                 st[_U(b + L_COUNT)] += 1
         st[_U(sb + S_LAST)] = last
+        if run == RUN_ROOT and i + 1 < n and series[_U(i + 1)] == s and st[_U(base + L_ACTIVE)] != 0:
+            i, nout, failed = _run_root(series, ts, op, hi, lo, cl, vol, i + 1, n, s, st, base, sb, cfg,
+                                        out, nout, n_levels, max_volume, interval, tz, inv, lim, low,
+                                        fail_mask)
+            if failed:
+                return i, nout, FAIL, VOLUME_OVERFLOW
+            i -= 1
+        elif run == RUN_EXACT and i + 1 < n and series[_U(i + 1)] == s and st[_U(base + L_ACTIVE)] != 0:
+            i, nout, failed = _run_exact(series, ts, op, hi, lo, cl, vol, i + 1, n, s, st, base, sb,
+                                         cfg + N_CFG_FIELDS, out, nout, n_levels, max_volume,
+                                         interval, tz, inv, lim, low, fail_mask)
+            if failed:
+                return i, nout, FAIL, VOLUME_OVERFLOW
+            i -= 1
     return n, nout, OK, 0
