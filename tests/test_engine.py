@@ -415,6 +415,25 @@ def test_wrong_dtypes_and_strided_views_are_converted():
     assert np.array_equal(feed(make(), odd), want)
 
 
+
+@pytest.mark.parametrize("column", ["series", "ts_event", "open", "high", "low", "close", "volume"])
+@pytest.mark.parametrize("how", ["same itemsize, other kind", "byte-swapped", "strided"])
+def test_one_odd_column_is_converted_not_misread(column, how):
+    """process() calls the compiled kernel past numba's dispatcher when every column has its
+    exact dtype and unit stride; the entry point checks only item sizes, so one column that
+    differs in kind, byte order or stride alone must still take the converting path."""
+    batch = random_stream(4)
+    want = feed(make(), batch)
+    col = getattr(batch, column)
+    if how == "same itemsize, other kind":
+        odd = col.astype({4: np.float32, 8: np.float64}[col.itemsize])
+    elif how == "byte-swapped":
+        odd = col.astype(col.dtype.newbyteorder(">"))
+    else:
+        odd = np.repeat(col, 3)[::3]
+    assert np.array_equal(odd.astype(col.dtype), col)
+    assert np.array_equal(feed(make(), RecordBatch(**{**vars(batch), column: odd})), want)
+
 def test_bars_are_emitted_as_soon_as_a_record_proves_them_closed():
     agg = make(("1s", "5s", "1min"))
     assert len(agg.process(one(0))) == 0
