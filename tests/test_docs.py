@@ -14,25 +14,14 @@ from streambars import errors
 from streambars.config import ConfigError
 from streambars.sources.historical import UnknownSymbolError
 
+from .markdown import table_after
+
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
 
 
-def _table_after(text: str, heading: str) -> list[list[str]]:
-    rows = []
-    for line in text.split(heading, 1)[1].splitlines():
-        if not line.startswith("|"):
-            if rows:
-                break
-            continue
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if not set(cells[0]) <= {"-", " "}:
-            rows.append(cells)
-    return rows[1:]  # without the header
-
-
 def test_readme_exit_codes_are_the_code_s():
-    rows = _table_after(README, "## Troubleshooting")
+    rows = table_after(README, "## Troubleshooting")
     assert {int(r[0]): r[1] for r in rows} == errors.EXIT_MEANINGS
     examples = {int(r[0]): r[2] for r in rows}
     # Where the README files an error is where the code files it.

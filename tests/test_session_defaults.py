@@ -19,24 +19,14 @@ from streambars.pipeline import settle_session
 from streambars.store import open_store
 from streambars.timeframes import SESSION_DEFAULTS, Session, default_session
 
+from .markdown import table_after
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _docs_table(path: Path, heading: str) -> list[tuple[tuple[str, ...], str]]:
     """(patterns, session) rows of the first markdown table after ``heading``."""
-    text = path.read_text()
-    assert heading in text, f"{path.name} lost its {heading!r} section"
-    rows = []
-    for line in text.split(heading, 1)[1].splitlines():
-        if not line.startswith("|"):
-            if rows:
-                break
-            continue
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if set(cells[0]) <= {"-", " "} or cells[0].lower().startswith("dataset"):
-            continue
-        rows.append((tuple(re.findall(r"`([^`]+)`", cells[0])), cells[1]))
-    return rows
+    return [(tuple(re.findall(r"`([^`]+)`", cells[0])), cells[1]) for cells in table_after(path.read_text(), heading)]
 
 
 @pytest.mark.parametrize(("doc", "heading"), [("docs/contract.md", "### Daily sessions"),

@@ -376,8 +376,8 @@ def test_symbol_is_listed_while_writers_are_killed_at_random_points(tmp_path):
     rng = random.Random(7)
     polls = misses = kills = 0
     reads: dict[str, int] = {}
-    for k in range(30):
-        root = tmp_path / f"s{k % 10}"  # 10 stores: creation, then two reopens of each
+    for k in range(20):
+        root = tmp_path / f"s{k % 10}"  # 10 stores: creation, then a reopen of each
         root.mkdir(exist_ok=True)
         path = file_path(root, DATASET, SYMBOL)
         reader = open_store(root)
@@ -413,7 +413,7 @@ def test_symbol_is_listed_while_writers_are_killed_at_random_points(tmp_path):
             reads[outcome] = reads.get(outcome, 0) + 1
         reader.close()
     assert misses == 0, f"{misses} of {polls} polls missed the symbol"
-    assert kills >= 15
+    assert kills >= 10
     for k in range(10):  # every file a killed writer left is repaired by the next writer
         root = tmp_path / f"s{k}"
         run_worker("open", str(root))
