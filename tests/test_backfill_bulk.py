@@ -17,7 +17,7 @@ import streambars.backfill as B
 from streambars.config import load_settings
 from streambars.engine import Aggregator
 from streambars.errors import StoreError
-from streambars.records import BAR_DTYPE, TAGGED_BAR_DTYPE, RecordBatch
+from streambars.records import BAR_DTYPE, TAGGED_BAR_DTYPE, BarBatch, RecordBatch
 from streambars.store import open_store
 from streambars.store import writer as W
 from streambars.store.gather import count_tagged, scatter_rows, scatter_tagged
@@ -129,11 +129,11 @@ def test_scatter_rows_is_a_stable_sort_by_key(nkeys):
     assert not scatter_rows(rows[::2], 8, key[::2], np.bincount(key[::2], minlength=nkeys), out)
 
 
-def _tagged(rng: np.random.Generator, n: int, nseries: int, ntf: int) -> np.ndarray:
+def _tagged(rng: np.random.Generator, n: int, nseries: int, ntf: int, base: int = -(1 << 40)) -> np.ndarray:
     rows = np.zeros(n, TAGGED_BAR_DTYPE)
     for name in BAR_DTYPE.names:
         rows[name] = rng.integers(0, 2**31, n)
-    rows["ts_event"] = np.arange(n) * 7 - (1 << 40)  # negative: both int32 halves matter
+    rows["ts_event"] = np.arange(n) * 7 + base  # beyond 32 bits (negative): both halves matter
     rows["series"], rows["timeframe"] = rng.integers(0, nseries, n), rng.integers(0, ntf, n)
     return rows
 
@@ -192,3 +192,31 @@ def test_writer_set_refuses_bars_out_of_order_or_badly_tagged(tmp_path):
                            Session.parse("17:00 America/Chicago")) as ws,
           pytest.raises(StoreError, match="outside the 1 symbols and 2 timeframes")):
         ws.write(bad, ["ESH4"])
+
+
+def test_writer_set_uses_the_pipelines_counts_or_counts_itself(tmp_path):
+    """BarBatch.counts (the pipeline's rows per series and timeframe) spare the writers a pass;
+    counts of another shape are ignored (the tags are counted and checked again). Every way
+    stores the same rows as the reference grouping."""
+    rng = np.random.default_rng(3)
+    tfs = ["1s", "1min", "1h"]
+    rows = _tagged(rng, 3000, 2, 3, base=1 << 40)
+    names = ["ESH4", "NQH4"]
+    session = Session.parse("17:00 America/Chicago")
+    def right(part: np.ndarray) -> np.ndarray:
+        return np.bincount(part["series"] * 3 + part["timeframe"], minlength=6).reshape(2, 3)
+
+    ways = [lambda p: None, right, lambda p: right(p)[:, :2], lambda p: np.zeros((3, 3), np.int64)]
+    for k, counted in enumerate(ways):
+        with W.StoreWriterSet(tmp_path / str(k), "GLBX.MDP3", "raw_symbol", tfs, session,
+                              coalesce_rows=10_000) as ws:
+            assert ws.write(BarBatch(rows[:1000], counted(rows[:1000])), names) == 0  # queued
+            last = BarBatch(rows[1000:], counted(rows[1000:]))
+            assert ws.write(last, names, {"ESH4": {"progress": b"{}"}}) == len(rows)
+        with open_store(tmp_path / str(k)) as r:
+            for s, name in enumerate(names):
+                for t, tf in enumerate(tfs):
+                    exp = rows[(rows["series"] == s) & (rows["timeframe"] == t)]
+                    got = r.read(name, tf, dataset="GLBX.MDP3")
+                    assert np.array_equal(got["ts_event"], exp["ts_event"]), (k, name, tf)
+                    assert np.array_equal(got["volume"], exp["volume"]), (k, name, tf)

@@ -458,6 +458,7 @@ class StoreWriterSet:
         #: one slab per timeframe. 0 (the daemon): every write is appended and flushed at once.
         self.coalesce_rows = int(coalesce_rows)
         self._pending: list[np.ndarray] = []  # the queue: the callers' TAGGED_BAR_DTYPE arrays
+        self._pending_counts: list[np.ndarray | None] = []  # and their BarBatch.counts
         self._pending_rows = 0
         self._pending_names: Sequence[str] = ()
 
@@ -496,29 +497,33 @@ class StoreWriterSet:
         never written ahead of the bars that came before it (rows -> marks -> state), and a
         crash loses at most queued bars, which the saved engine state has not counted yet."""
         bars = bar_batch.bars if isinstance(bar_batch, BarBatch) else np.asarray(bar_batch)
+        counts = bar_batch.counts if isinstance(bar_batch, BarBatch) else None
         meta_by_symbol = meta_by_symbol or {}
         if self.coalesce_rows > 0:
             n = int(bars.shape[0])
             if n and (bars.dtype != TAGGED_BAR_DTYPE or n > _GATHER_KEEP_ROWS):  # not queued
-                return self.flush() + self._write_now([bars], series_names, meta_by_symbol)
+                return self.flush() + self._write_now([bars], [counts], series_names, meta_by_symbol)
             if n:
                 self._pending.append(np.ascontiguousarray(bars))
+                self._pending_counts.append(counts)
                 self._pending_rows += n
             self._pending_names = series_names
             if not meta_by_symbol and self._pending_rows < self.coalesce_rows:
                 return 0
-            return self._write_now(self._take_pending(), series_names, meta_by_symbol)
-        return self._write_now([bars], series_names, meta_by_symbol)
+            return self._write_now(*self._take_pending(), series_names, meta_by_symbol)
+        return self._write_now([bars], [counts], series_names, meta_by_symbol)
 
     def _write_now(
-        self, arrays: list[np.ndarray], series_names: Sequence[str],
+        self, arrays: list[np.ndarray], counts: list[np.ndarray | None], series_names: Sequence[str],
         meta_by_symbol: Mapping[str, Mapping[str, bytes]],
     ) -> int:
-        """Group the bars of ``arrays`` (in order) by file and timeframe; one append a file."""
+        """Group the bars of ``arrays`` (in order; ``counts``: their BarBatch.counts) by file
+        and timeframe; one append a file."""
         grouped: dict[str, dict[str, np.ndarray]] = {}
+        counts = [c for a, c in zip(arrays, counts, strict=True) if a.shape[0]]
         arrays = [a for a in arrays if a.shape[0]]
         ntf, nseries = len(self.timeframes), len(series_names)
-        fast = self._group_tagged(arrays, ntf, nseries) if arrays else None
+        fast = self._group_tagged(arrays, counts, ntf, nseries) if arrays else None
         increasing = fast is not None and fast[1]
         if fast is not None:
             for k, rows in fast[0]:
@@ -547,12 +552,13 @@ class StoreWriterSet:
         if not self._pending_rows:
             return 0
         names = self._pending_names
-        return self._write_now(self._take_pending(), names, {})
+        return self._write_now(*self._take_pending(), names, {})
 
-    def _take_pending(self) -> list[np.ndarray]:
-        """The queued arrays, in order; the queue is emptied."""
-        arrays, self._pending, self._pending_rows = self._pending, [], 0
-        return arrays
+    def _take_pending(self) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
+        """The queued arrays and their counts, in order; the queue is emptied."""
+        arrays, counts = self._pending, self._pending_counts
+        self._pending, self._pending_counts, self._pending_rows = [], [], 0
+        return arrays, counts
 
     def _bad_tags(self, nseries: int) -> None:
         raise StoreError(
@@ -561,18 +567,22 @@ class StoreWriterSet:
         )
 
     def _group_tagged(
-        self, arrays: list[np.ndarray], ntf: int, nseries: int
+        self, arrays: list[np.ndarray], given: list[np.ndarray | None], ntf: int, nseries: int
     ) -> tuple[list[tuple[int, np.ndarray]], bool] | None:
         """The engine's arrays grouped by key (series * ntf + timeframe) into the reused
         gather buffer without the GIL (store.gather): ``([(key, BAR_DTYPE rows), ...] by
         ascending key, every group's ts_event increasing)``; None when the arrays are not
-        contiguous TAGGED_BAR_DTYPE or too many rows to keep a buffer for (general path)."""
+        contiguous TAGGED_BAR_DTYPE or too many rows to keep a buffer for (general path).
+        The rows per key are the arrays' ``given`` counts when each has them (counted by the
+        pipeline while the bars were in cache), else counted here."""
         if any(a.dtype != TAGGED_BAR_DTYPE or not a.flags.c_contiguous for a in arrays):
             return None
         n = sum(int(a.shape[0]) for a in arrays)
         if n > _GATHER_KEEP_ROWS:
             return None
-        counts = count_tagged(arrays, ntf, nseries)
+        counts = _sum_counts(given, nseries, ntf)
+        if counts is None:
+            counts = count_tagged(arrays, ntf, nseries)
         if counts is None:
             self._bad_tags(nseries)
         assert counts is not None
@@ -639,6 +649,18 @@ class StoreWriterSet:
 
     def __exit__(self, *_: object) -> None:
         self.close_all()
+
+
+def _sum_counts(given: list[np.ndarray | None], nseries: int, ntf: int) -> np.ndarray | None:
+    """The arrays' rows per (series, timeframe) summed, flat by key (series * ntf +
+    timeframe), or None when one lacks its counts or counts series or timeframes this writer
+    set does not know (the caller then counts, and checks, the tags itself)."""
+    total = np.zeros((nseries, ntf), np.int64)
+    for c in given:
+        if c is None or c.ndim != 2 or c.shape[1] != ntf or c.shape[0] > nseries:
+            return None
+        total[: c.shape[0]] += c
+    return total.ravel()
 
 
 def _compressed(path: Path) -> bool:
