@@ -193,7 +193,8 @@ class PipelineStats:
         rows per (series, timeframe) too, kept in ``bars.counts`` for the writers."""
         arr = bars.bars
         counts = None
-        if n_timeframes and arr.dtype == TAGGED_BAR_DTYPE and arr.flags.c_contiguous:
+        # a live batch (a few bars) keeps bincount: the counts' set-up costs more than it saves
+        if n_timeframes and arr.shape[0] >= 1024 and arr.dtype == TAGGED_BAR_DTYPE and arr.flags.c_contiguous:
             counts = count_tagged([arr], n_timeframes, n_series)
         if counts is not None:
             bars.counts = counts.reshape(n_series, n_timeframes)
