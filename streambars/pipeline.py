@@ -35,6 +35,7 @@ from .errors import AuthenticationError, RuleViolationError, StreambarsError
 from .observe import Progress, get_logger
 from .records import TAGGED_BAR_DTYPE, BarBatch, RecordBatch, SeriesRegistry
 from .store import StoreWriterSet
+from .store.gather import count_tagged
 
 log = get_logger("streambars.pipeline")
 
@@ -187,8 +188,19 @@ class PipelineStats:
     #: bars closed per timeframe index (the aggregator's order)
     per_timeframe: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
-    def count_bars(self, bars: BarBatch) -> None:
-        by_tf = np.bincount(bars.bars["timeframe"], minlength=len(self.per_timeframe))
+    def count_bars(self, bars: BarBatch, n_timeframes: int = 0, n_series: int = 0) -> None:
+        """Add the batch's bars per timeframe; given the engine's timeframes and series, its
+        rows per (series, timeframe) too, kept in ``bars.counts`` for the writers."""
+        arr = bars.bars
+        counts = None
+        # a live batch (a few bars) keeps bincount: the counts' set-up costs more than it saves
+        if n_timeframes and arr.shape[0] >= 1024 and arr.dtype == TAGGED_BAR_DTYPE and arr.flags.c_contiguous:
+            counts = count_tagged([arr], n_timeframes, n_series)
+        if counts is not None:
+            bars.counts = counts.reshape(n_series, n_timeframes)
+            by_tf = bars.counts.sum(axis=0)
+        else:
+            by_tf = np.bincount(arr["timeframe"], minlength=len(self.per_timeframe))
         if len(by_tf) > len(self.per_timeframe):
             grown = np.zeros(len(by_tf), np.int64)
             grown[: len(self.per_timeframe)] = self.per_timeframe
@@ -270,7 +282,7 @@ async def run_pipeline(
                     raise TypeError(f"unexpected pipeline item {type(item).__name__}")
                 if len(bars):
                     stats.bars += len(bars)
-                    stats.count_bars(bars)
+                    stats.count_bars(bars, len(engine.timeframes), engine.n_series)
                     stats.progress.add(bars=len(bars))
                     await send.send(bars)
 

@@ -144,6 +144,10 @@ class BarBatch:
     """Closed bars, in the order they closed (so per series and timeframe, ts ascending)."""
 
     bars: np.ndarray  # TAGGED_BAR_DTYPE
+    #: rows per (series, timeframe) (int64, n_series x n_timeframes), when the pipeline
+    #: counted them just after the engine made them: the store writers then skip their own
+    #: counting pass over the bars (they have left the cache by then)
+    counts: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.bars.shape[0])

@@ -28,7 +28,7 @@ from ..observe import get_logger
 from ..records import BAR_DTYPE, TAGGED_BAR_DTYPE, BarBatch
 from ..timeframes import Session, Timeframe, parse_timeframe
 from ..version import __version__
-from .gather import scatter_rows
+from .gather import count_tagged, scatter_rows, scatter_tagged
 from .layout import (
     BARS,
     HWM,
@@ -250,11 +250,14 @@ class BarFileWriter:
     # -- writing -----------------------------------------------------------------------
 
     def append(
-        self, bars_by_tf: Mapping[str | Timeframe, np.ndarray], meta: Mapping[str, bytes] | None = None
+        self, bars_by_tf: Mapping[str | Timeframe, np.ndarray], meta: Mapping[str, bytes] | None = None,
+        *, increasing: bool = False,
     ) -> dict[str, int]:
         """Write the rows above each timeframe's high-water mark, then the meta blobs; flush.
 
-        Rows must be in increasing ``ts_event`` order per timeframe. Returns rows written per
+        Rows must be in increasing ``ts_event`` order per timeframe (``increasing``: the caller
+        has checked that already, as the writer set's grouping does while it copies the rows,
+        so it is not checked again here). Returns rows written per
         timeframe given. Raises StoreError (naming the file) if the write fails; the rows of
         this call are then not visible, earlier rows stay intact, and this writer refuses
         further appends (open a new one: it repairs what the failure left)."""
@@ -267,7 +270,7 @@ class BarFileWriter:
                 raise StoreError(f"{self.path} has no timeframe {name} (it has {', '.join(self.timeframes)})")
             rows = as_bars(arr, f"{self.path} {name}")
             ts = rows["ts_event"]
-            if ts.size > 1 and not bool(np.all(ts[1:] > ts[:-1])):
+            if not increasing and ts.size > 1 and not bool(np.all(ts[1:] > ts[:-1])):
                 bad = int(np.flatnonzero(ts[1:] <= ts[:-1])[0]) + 1
                 raise StoreError(f"{self.path} {name}: ts_event not increasing at row {bad} ({int(ts[bad])})")
             hwm = self._hwm[name]
@@ -454,7 +457,8 @@ class StoreWriterSet:
         #: carries meta (a checkpoint), or :meth:`flush` -- then every file gets one append,
         #: one slab per timeframe. 0 (the daemon): every write is appended and flushed at once.
         self.coalesce_rows = int(coalesce_rows)
-        self._pending = np.empty(0, np.uint8)  # the queue: TAGGED_BAR_DTYPE rows as bytes, reused
+        self._pending: list[np.ndarray] = []  # the queue: the callers' TAGGED_BAR_DTYPE arrays
+        self._pending_counts: list[np.ndarray | None] = []  # and their BarBatch.counts
         self._pending_rows = 0
         self._pending_names: Sequence[str] = ()
 
@@ -486,55 +490,60 @@ class StoreWriterSet:
     ) -> int:
         """Append tagged bars (series, timeframe, bar...) to their files; returns rows written.
 
-        With ``coalesce_rows`` the bars may only be queued (0 returned; the caller must not
-        modify the array after): they are written, in order and before any meta, by a later
+        With ``coalesce_rows`` the bars may only be queued (0 returned): the array itself is
+        kept, not a copy of it (the engine hands over a fresh array per batch), so the caller
+        must not modify it after. They are written, in order and before any meta, by a later
         write that fills the queue or carries meta, or by :meth:`flush`. A meta blob is thus
         never written ahead of the bars that came before it (rows -> marks -> state), and a
         crash loses at most queued bars, which the saved engine state has not counted yet."""
         bars = bar_batch.bars if isinstance(bar_batch, BarBatch) else np.asarray(bar_batch)
+        counts = bar_batch.counts if isinstance(bar_batch, BarBatch) else None
         meta_by_symbol = meta_by_symbol or {}
         if self.coalesce_rows > 0:
             n = int(bars.shape[0])
             if n and (bars.dtype != TAGGED_BAR_DTYPE or n > _GATHER_KEEP_ROWS):  # not queued
-                return self.flush() + self._write_now(bars, series_names, meta_by_symbol)
+                return self.flush() + self._write_now([bars], [counts], series_names, meta_by_symbol)
             if n:
-                # copied into one reused buffer (a memcpy): the caller's array is free at once,
-                # and the queue never costs more than this buffer (no concatenation later)
-                row, have = TAGGED_BAR_DTYPE.itemsize, self._pending_rows
-                if self._pending.shape[0] < (have + n) * row:
-                    grown = np.empty(max(have + n, self.coalesce_rows + n) * row, np.uint8)
-                    grown[: have * row] = self._pending[: have * row]
-                    self._pending = grown
-                self._pending[have * row : (have + n) * row] = np.ascontiguousarray(bars).view(np.uint8)
-                self._pending_rows = have + n
+                self._pending.append(np.ascontiguousarray(bars))
+                self._pending_counts.append(counts)
+                self._pending_rows += n
             self._pending_names = series_names
             if not meta_by_symbol and self._pending_rows < self.coalesce_rows:
                 return 0
-            bars = self._take_pending()
-        return self._write_now(bars, series_names, meta_by_symbol)
+            return self._write_now(*self._take_pending(), series_names, meta_by_symbol)
+        return self._write_now([bars], [counts], series_names, meta_by_symbol)
 
     def _write_now(
-        self, bars: np.ndarray, series_names: Sequence[str], meta_by_symbol: Mapping[str, Mapping[str, bytes]]
+        self, arrays: list[np.ndarray], counts: list[np.ndarray | None], series_names: Sequence[str],
+        meta_by_symbol: Mapping[str, Mapping[str, bytes]],
     ) -> int:
+        """Group the bars of ``arrays`` (in order; ``counts``: their BarBatch.counts) by file
+        and timeframe; one append a file."""
         grouped: dict[str, dict[str, np.ndarray]] = {}
-        if bars.shape[0]:
-            ntf, nseries = len(self.timeframes), len(series_names)
+        counts = [c for a, c in zip(arrays, counts, strict=True) if a.shape[0]]
+        arrays = [a for a in arrays if a.shape[0]]
+        ntf, nseries = len(self.timeframes), len(series_names)
+        fast = self._group_tagged(arrays, counts, ntf, nseries) if arrays else None
+        increasing = fast is not None and fast[1]
+        if fast is not None:
+            for k, rows in fast[0]:
+                grouped.setdefault(series_names[k // ntf], {})[self.timeframes[k % ntf].name] = rows
+        elif arrays:
+            bars = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
             # Contiguous copies of the two tags: reductions and arithmetic on strided fields of
             # a 60-byte record cost several times more than the copy.
             series = np.ascontiguousarray(bars["series"])
             tfi = np.ascontiguousarray(bars["timeframe"])
             if series.min() < 0 or series.max() >= nseries or tfi.min() < 0 or tfi.max() >= ntf:
-                raise StoreError(
-                    f"bars tagged with series/timeframe outside the {nseries} symbols "
-                    f"and {ntf} timeframes this writer set knows"
-                )
+                self._bad_tags(nseries)
             key = series.astype(np.int64) * ntf + tfi if nseries > 1 else tfi
             for k, rows in self._group_rows(bars, key, nseries * ntf):
                 symbol = series_names[k // ntf]
                 grouped.setdefault(symbol, {})[self.timeframes[k % ntf].name] = rows
         total = 0
         for symbol in list(grouped) + [s for s in meta_by_symbol if s not in grouped]:
-            counts = self.writer(symbol).append(grouped.get(symbol, {}), meta=meta_by_symbol.get(symbol))
+            counts = self.writer(symbol).append(grouped.get(symbol, {}), meta=meta_by_symbol.get(symbol),
+                                                increasing=increasing)
             total += sum(counts.values())
         return total
 
@@ -543,13 +552,47 @@ class StoreWriterSet:
         if not self._pending_rows:
             return 0
         names = self._pending_names
-        return self._write_now(self._take_pending(), names, {})
+        return self._write_now(*self._take_pending(), names, {})
 
-    def _take_pending(self) -> np.ndarray:
-        """The queued bars (a view of the queue's buffer, valid until the next write); the
-        queue is emptied."""
-        n, self._pending_rows = self._pending_rows, 0
-        return self._pending[: n * TAGGED_BAR_DTYPE.itemsize].view(TAGGED_BAR_DTYPE)
+    def _take_pending(self) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
+        """The queued arrays and their counts, in order; the queue is emptied."""
+        arrays, counts = self._pending, self._pending_counts
+        self._pending, self._pending_counts, self._pending_rows = [], [], 0
+        return arrays, counts
+
+    def _bad_tags(self, nseries: int) -> None:
+        raise StoreError(
+            f"bars tagged with series/timeframe outside the {nseries} symbols "
+            f"and {len(self.timeframes)} timeframes this writer set knows"
+        )
+
+    def _group_tagged(
+        self, arrays: list[np.ndarray], given: list[np.ndarray | None], ntf: int, nseries: int
+    ) -> tuple[list[tuple[int, np.ndarray]], bool] | None:
+        """The engine's arrays grouped by key (series * ntf + timeframe) into the reused
+        gather buffer without the GIL (store.gather): ``([(key, BAR_DTYPE rows), ...] by
+        ascending key, every group's ts_event increasing)``; None when the arrays are not
+        contiguous TAGGED_BAR_DTYPE or too many rows to keep a buffer for (general path).
+        The rows per key are the arrays' ``given`` counts when each has them (counted by the
+        pipeline while the bars were in cache), else counted here."""
+        if any(a.dtype != TAGGED_BAR_DTYPE or not a.flags.c_contiguous for a in arrays):
+            return None
+        n = sum(int(a.shape[0]) for a in arrays)
+        if n > _GATHER_KEEP_ROWS:
+            return None
+        counts = _sum_counts(given, nseries, ntf)
+        if counts is None:
+            counts = count_tagged(arrays, ntf, nseries)
+        if counts is None:
+            self._bad_tags(nseries)
+        assert counts is not None
+        if self._gather.shape[0] < n:
+            self._gather = np.empty(n, self._gather.dtype)
+        increasing = scatter_tagged(arrays, ntf, counts, self._gather)
+        rows = self._gather[:n].view(BAR_DTYPE)
+        keys = np.flatnonzero(counts)
+        ends = np.cumsum(counts[keys])
+        return [(int(k), rows[hi - counts[k] : hi]) for k, hi in zip(keys, ends, strict=True)], increasing
 
     def _group_rows(self, bars: np.ndarray, key: np.ndarray, nkeys: int) -> list[tuple[int, np.ndarray]]:
         """Split ``bars`` by ``key`` (0 <= key < nkeys), keeping each group's rows in their
@@ -606,6 +649,18 @@ class StoreWriterSet:
 
     def __exit__(self, *_: object) -> None:
         self.close_all()
+
+
+def _sum_counts(given: list[np.ndarray | None], nseries: int, ntf: int) -> np.ndarray | None:
+    """The arrays' rows per (series, timeframe) summed, flat by key (series * ntf +
+    timeframe), or None when one lacks its counts or counts series or timeframes this writer
+    set does not know (the caller then counts, and checks, the tags itself)."""
+    total = np.zeros((nseries, ntf), np.int64)
+    for c in given:
+        if c is None or c.ndim != 2 or c.shape[1] != ntf or c.shape[0] > nseries:
+            return None
+        total[: c.shape[0]] += c
+    return total.ravel()
 
 
 def _compressed(path: Path) -> bool:
