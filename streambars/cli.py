@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--symbol", action="append", required=True, metavar="S",
                    help="symbol(s): repeatable or a comma list; 'all' for every symbol")
     p.add_argument("--timeframe", action="append", required=True, metavar="TF",
-                   help="timeframe(s), e.g. 15s,30s,1min: repeatable or a comma list; 'all' for every one stored")
+                   help="timeframe(s), e.g. 15s,30s,1min (1m = 1min): repeatable or a comma list; 'all' for every one stored")
     p.add_argument("--start", help="first bar (inclusive; ISO-8601, UTC unless --tz or an offset)")
     p.add_argument("--end", help="end (exclusive)")
     p.add_argument("--format", metavar="{csv,csv.gz,parquet}",
@@ -207,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--dataset")
     p.add_argument("--symbol", action="append", dest="symbols_sel", metavar="S")
-    p.add_argument("--timeframe", action="append", dest="timeframes_sel", metavar="T")
+    p.add_argument("--timeframe", action="append", dest="timeframes_sel", metavar="T",
+                   help="only these timeframes (repeatable or a comma list; 1m = 1min)")
     p.add_argument("--start")
     p.add_argument("--end")
     p.add_argument("--report", metavar="PATH", help="text report (default <store>/logs/validate-*.txt)")
@@ -226,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--dataset", help="dataset (needed when several hold the symbol)")
     p.add_argument("--symbol", required=True)
-    p.add_argument("--timeframe", required=True)
+    p.add_argument("--timeframe", required=True, help="e.g. 1min (or 1m), 5min, 1h, 1d")
     p.add_argument("--start", help="first bar time (ISO-8601, UTC when no zone), inclusive")
     p.add_argument("--end", help="end time, exclusive")
     p.add_argument("--tz", default="UTC", help="time zone of the time axis, e.g. America/New_York (default UTC)")
