@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", metavar="PATH", help="text report (default <store>/logs/validate-*.txt)")
     p.add_argument("--json", dest="json_path", metavar="PATH", help="JSON report")
     p.add_argument("--html", dest="html_path", metavar="PATH", help="self-contained HTML page: the "
-                   "findings and a chart around each rule's first offenders (needs streambars[plot])")
+                   "findings and a chart around each rule's first offenders (needs the plot extra: pip install '.[plot]')")
     p.add_argument("--reference", action="store_true",
                    help="also compare 1min/1h/1d with Databento's own ohlcv-1m/1h/1d")
     p.set_defaults(handler=_cmd_validate)
