@@ -332,5 +332,5 @@ def run_validate(
             write_html(report, Path(html_path))
             print(f"html: {html_path}", file=out)
     except OSError as e:  # the results are on stdout; the place asked for cannot be written
-        raise UsageError(f"cannot write the validation report ({e}); pass --report/--json a writable path") from None
+        raise UsageError(f"cannot write the validation report ({e}); pass --report/--json/--html a writable path") from None
     return report.exit_code
