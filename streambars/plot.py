@@ -160,12 +160,14 @@ def load_candles(
         tf = parse_timeframe(timeframe)
     except TimeframeError as e:
         raise UsageError(f"--timeframe: {e}") from None
-    if dataset is not None and dataset not in reader.datasets():
-        raise UsageError(f"--dataset {dataset!r} is not in {reader.path} (it has: {', '.join(reader.datasets()) or 'none'})")
-    have = reader.symbols(dataset)
+    pairs = reader.pairs()  # one look at the store for every name check below
+    datasets = sorted({d for d, _ in pairs})
+    if dataset is not None and dataset not in datasets:
+        raise UsageError(f"--dataset {dataset!r} is not in {reader.path} (it has: {', '.join(datasets) or 'none'})")
+    have = sorted({s for d, s in pairs if dataset in (None, d)})
     if symbol not in have:
         raise UsageError(f"--symbol {symbol!r} is not in {reader.path} (it has: {', '.join(have) or 'none'})")
-    holders = [d for d in reader.datasets() if symbol in reader.symbols(d)]
+    holders = [d for d, s in pairs if s == symbol]
     if dataset is None and len(holders) > 1:
         raise UsageError(f"--symbol {symbol!r} is in several datasets ({', '.join(holders)}): pass --dataset")
     stored = sorted(parse_timeframe(t) for t in reader.timeframes(symbol, dataset))
