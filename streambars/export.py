@@ -119,9 +119,7 @@ def format_of(name: str) -> str | None:
 
 def _resolve_format(fmt: str | None, name: str, what: str) -> str:
     """The format of an output named ``name``: ``fmt`` when given (its suffix must not name
-    another), else the one its suffix names."""
-    if fmt is not None and fmt not in FORMATS:
-        raise UsageError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+    another), else the one its suffix names (``fmt`` was checked by :func:`plan_target`)."""
     named = format_of(name)
     if fmt is None:
         if named is None:
