@@ -34,11 +34,10 @@ import numpy as np
 from .errors import StoreError, UsageError
 from .records import FIXED_PRICE_SCALE
 from .store import StoreReader, ns_to_iso, symbol_to_filename, to_ns
-from .store.frames import check_tz
+from .store.frames import PRICE_FIELDS, check_tz
 from .timeframes import TimeframeError, parse_timeframe
 
 CSV_HEADER = "ts_event,open,high,low,close,volume,count\n"
-PRICE_FIELDS = ("open", "high", "low", "close")
 BLOCK_ROWS = 500_000
 FORMATS = ("csv", "csv.gz", "parquet")
 SPLITS = ("none", "monthly")
