@@ -586,13 +586,16 @@ class StoreWriterSet:
         if counts is None:
             self._bad_tags(nseries)
         assert counts is not None
+        out = self._gather_rows(n)
+        increasing = scatter_tagged(arrays, ntf, counts, out)
+        return _split(out.view(BAR_DTYPE), counts, np.flatnonzero(counts)), increasing
+
+    def _gather_rows(self, n: int) -> np.ndarray:
+        """The first ``n`` items of the gather buffer reused from call to call (grown first
+        if it is smaller)."""
         if self._gather.shape[0] < n:
             self._gather = np.empty(n, self._gather.dtype)
-        increasing = scatter_tagged(arrays, ntf, counts, self._gather)
-        rows = self._gather[:n].view(BAR_DTYPE)
-        keys = np.flatnonzero(counts)
-        ends = np.cumsum(counts[keys])
-        return [(int(k), rows[hi - counts[k] : hi]) for k, hi in zip(keys, ends, strict=True)], increasing
+        return self._gather[:n]
 
     def _group_rows(self, bars: np.ndarray, key: np.ndarray, nkeys: int) -> list[tuple[int, np.ndarray]]:
         """Split ``bars`` by ``key`` (0 <= key < nkeys), keeping each group's rows in their
@@ -610,12 +613,9 @@ class StoreWriterSet:
         n = bars.shape[0]
         offset = _bar_offset(bars.dtype)
         if offset is not None and n <= _GATHER_KEEP_ROWS:
-            if self._gather.shape[0] < n:
-                self._gather = np.empty(n, self._gather.dtype)
-            if scatter_rows(bars, offset, key, counts, self._gather):
-                rows = self._gather[:n].view(BAR_DTYPE)
-                ends = np.cumsum(counts[keys])
-                return [(int(k), rows[hi - counts[k] : hi]) for k, hi in zip(keys, ends, strict=True)]
+            out = self._gather_rows(n)
+            if scatter_rows(bars, offset, key, counts, out):
+                return _split(out.view(BAR_DTYPE), counts, keys)
         order = np.argsort(key.astype(np.uint16) if nkeys <= 1 << 16 else key, kind="stable")
         raw = bar_bytes(bars)
         if raw is None:
@@ -623,12 +623,9 @@ class StoreWriterSet:
         elif n > _GATHER_KEEP_ROWS:  # a rare huge batch: do not keep its buffer alive
             rows = np.take(raw, order).view(BAR_DTYPE)
         else:
-            if self._gather.shape[0] < n:
-                self._gather = np.empty(n, raw.dtype)
             # mode="clip": with out= and the default mode numpy gathers into a temporary first.
-            rows = np.take(raw, order, out=self._gather[:n], mode="clip").view(BAR_DTYPE)
-        ends = np.cumsum(counts[keys])
-        return [(int(k), rows[hi - counts[k] : hi]) for k, hi in zip(keys, ends, strict=True)]
+            rows = np.take(raw, order, out=self._gather_rows(n), mode="clip").view(BAR_DTYPE)
+        return _split(rows, counts, keys)
 
     def close_all(self) -> None:
         """Close every writer (all are attempted; the first failure is raised after)."""
@@ -649,6 +646,13 @@ class StoreWriterSet:
 
     def __exit__(self, *_: object) -> None:
         self.close_all()
+
+
+def _split(rows: np.ndarray, counts: np.ndarray, keys: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """``rows`` grouped by key in ascending order, ``counts[k]`` rows a key, as
+    ``[(key, slice of rows), ...]`` for the ``keys`` with rows."""
+    ends = np.cumsum(counts[keys])
+    return [(int(k), rows[hi - counts[k] : hi]) for k, hi in zip(keys, ends, strict=True)]
 
 
 def _sum_counts(given: list[np.ndarray | None], nseries: int, ntf: int) -> np.ndarray | None:
