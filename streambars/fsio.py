@@ -39,6 +39,15 @@ def replace_file(tmp: Path, dest: Path) -> None:
     fsync_path(dest.parent)
 
 
+def file_size(path: str | os.PathLike[str]) -> int:
+    """Bytes in the file, 0 when it cannot be stat'ed (gone, or being replaced): for tables
+    and progress totals, where a vanished file is simply empty."""
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
 def pid_alive(pid: int) -> bool:
     """True while a process with this id exists (ours or, if not signalable, someone else's)."""
     try:

@@ -19,7 +19,7 @@ from pathlib import Path
 import h5py
 
 from ..errors import DamagedFileError, StoreError, StoreLockedError, UsageError
-from ..fsio import replace_file
+from ..fsio import file_size, replace_file
 from ..observe import Progress
 from .layout import BARS, LIBVER, SUFFIX, remove_stale_temps, store_files, temp_path
 from .lock import FileLock
@@ -113,7 +113,7 @@ def compact_store(
     refused: list[str] = []
     damaged: list[DamagedFileError] = []
     progress = progress or Progress()
-    sizes = {path: _size(path) for path in files}
+    sizes = {path: file_size(path) for path in files}
     progress.input_total = sum(sizes.values())
     for path in files:
         base = progress.input_bytes
@@ -152,12 +152,6 @@ def compact_store(
     if refused:
         raise StoreLockedError(" ".join(refused))
 
-
-def _size(path: Path) -> int:
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return 0
 
 
 def store_file_arg(root: Path, p: str | Path) -> Path:

@@ -23,6 +23,7 @@ import h5py
 import numpy as np
 
 from ..errors import DamagedFileError, FileBusyError, StoreError, UsageError
+from ..fsio import file_size
 from ..timeframes import Timeframe
 from ..timeutil import iso, to_ns
 from .frames import Engine, bars_to_frame, check_engine, check_tz, ns_to_time
@@ -83,7 +84,7 @@ class _File:
         self.users = 0
         self.key: tuple[str, int] = ("", 0)
         sb = read_superblock(path)  # DamagedFileError: no signature, cut, bad checksum
-        size = _size(path)
+        size = file_size(path)
         if sb is not None and sb.open_for_write and not sb.flags & FLAG_SWMR_WRITE:
             raise _busy_error(path)
         short = short_text(sb, size) if sb is not None else None
@@ -617,7 +618,7 @@ def _name_of(path: Path) -> tuple[str, str]:
 def _file_series(fh: _File) -> list[SeriesInfo]:
     """The SeriesInfo of each timeframe of one open file; DamagedFileError for garbage."""
     fh.verify()
-    size = _size(fh.path)
+    size = file_size(fh.path)
     out = []
     with fh.guard(f"/{BARS}"):
         tfs = fh.timeframes()
@@ -707,13 +708,13 @@ def inspect_store(
             holder = is_locked(path)
             row = {
                 "dataset": dataset, "symbol": symbol, "timeframe": "-", "rows": "-", "first": "-",
-                "last": "-", "file_size": _human(_size(path)),
+                "last": "-", "file_size": _human(file_size(path)),
                 "writer": f"pid {holder.get('pid')}" if holder else "-",
                 "status": problem_text(err),
             }  # fmt: skip
             if machine:
                 row.update(timeframe=None, rows=None, first=None, last=None, first_ns=None, last_ns=None,
-                           file_size=_size(path), writer=holder.get("pid") if holder else None, path=str(path))
+                           file_size=file_size(path), writer=holder.get("pid") if holder else None, path=str(path))
             out.append(row)
         return sorted(out, key=lambda r: (r["dataset"], r["symbol"], _tf_seconds(str(r["timeframe"]))))
 
@@ -743,15 +744,9 @@ def _deep_problem(fh: _File) -> DamagedFileError | None:
         sb = read_superblock(fh.path)
     except DamagedFileError as e:
         return e
-    problem = check_contents(fh.f, _size(fh.path), crashed=bool(sb and sb.open_for_write), path=fh.path)
+    problem = check_contents(fh.f, file_size(fh.path), crashed=bool(sb and sb.open_for_write), path=fh.path)
     return DamagedFileError(fh.path, problem) if problem else None
 
-
-def _size(path: Path) -> int:
-    try:
-        return os.stat(path).st_size
-    except OSError:
-        return 0
 
 
 def _human(n: int) -> str:
