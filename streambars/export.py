@@ -34,8 +34,9 @@ import numpy as np
 from .errors import StoreError, UsageError
 from .records import FIXED_PRICE_SCALE
 from .store import StoreReader, ns_to_iso, symbol_to_filename, to_ns
-from .store.frames import PRICE_FIELDS, check_tz
+from .store.frames import PRICE_FIELDS
 from .timeframes import TimeframeError, parse_timeframe
+from .timeutil import check_tz
 
 CSV_HEADER = "ts_event,open,high,low,close,volume,count\n"
 BLOCK_ROWS = 500_000
@@ -319,17 +320,18 @@ def _arrow_table(bars: np.ndarray, tz: str | None = None) -> Any:
     return pa.Table.from_arrays(cols, schema=_arrow_schema(tz))
 
 
-def time_bound(value: Any, what: str) -> int | None:
-    """A --start/--end as int ns, where a date beyond what int64 nanoseconds can hold
-    (before 1677-09-22 or after 2262-04-11, e.g. 0001-01-01 or 9999-12-31) means "no bound"
-    on that side rather than an overflow: every stored bar lies inside that range. A start
-    after it (or an end before it) selects nothing, as it says."""
+def time_bound(value: Any, what: str, tz: str | None = None) -> int | None:
+    """A --start/--end as int ns, naive times (strings, datetimes, Timestamps alike) read as
+    wall-clock times in ``tz`` when given, else UTC. A date beyond what int64 nanoseconds can
+    hold (before 1677-09-22 or after 2262-04-11, e.g. 0001-01-01 or 9999-12-31) means "no
+    bound" on that side rather than an overflow: every stored bar lies inside that range. A
+    start after it (or an end before it) selects nothing, as it says."""
     if value is None or isinstance(value, int | np.integer) or value == "":
         return None if value == "" else value
     import pandas as pd
 
     try:
-        return to_ns(value, what)
+        return to_ns(value, what, tz)
     except (OverflowError, pd.errors.OutOfBoundsDatetime):
         pass
     try:
@@ -493,7 +495,7 @@ def export_bars(
     if target.fmt == "parquet":
         _pyarrow()
     zone = None if tz is None else check_tz(tz)
-    t0, t1 = _bound(start, "start", zone), _bound(end, "end", zone)
+    t0, t1 = time_bound(start, "start", zone), time_bound(end, "end", zone)
     symbols, timeframes = _as_list(symbol, "symbol"), _as_list(timeframe, "timeframe")
     written: list[tuple[Path | str, int]] = []
     with StoreReader(root) as reader:
@@ -511,16 +513,6 @@ def export_bars(
         if not written:
             _raise_empty(reader, series[0], start, end)
     return written
-
-
-def _bound(value: Any, what: str, tz: str | None) -> int | None:
-    """:func:`time_bound`, naive times read in ``tz`` when given."""
-    if tz is not None and isinstance(value, str) and value:
-        import pandas as pd
-
-        with contextlib.suppress(OverflowError, pd.errors.OutOfBoundsDatetime):
-            return to_ns(value, what, tz)
-    return time_bound(value, what)
 
 
 def _names(series: list[Series]) -> str:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 import numpy as np
 
@@ -34,7 +34,7 @@ from .errors import StoreError, UsageError
 from .fsio import write_atomic
 from .records import FIXED_PRICE_SCALE
 from .timeframes import Timeframe, TimeframeError, canonical_name, parse_timeframe
-from .timeutil import NS, iso, parse_time
+from .timeutil import NS, check_tz, iso, parse_time
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -136,11 +136,8 @@ def coarsen(c: Candles, tf: Timeframe, max_candles: int) -> Candles:
 
 
 def parse_tz(name: str | None) -> ZoneInfo:
-    """'UTC', 'America/New_York', ... as a ZoneInfo (UsageError naming the flag)."""
-    try:
-        return ZoneInfo(name or "UTC")
-    except (ZoneInfoNotFoundError, ValueError):
-        raise UsageError(f"--tz {name!r} is not a time zone (use an IANA name, e.g. UTC, America/New_York)") from None
+    """'UTC', 'America/New_York', ... as a ZoneInfo (UsageError from :func:`check_tz`)."""
+    return ZoneInfo(check_tz(name, "--tz"))
 
 
 # --------------------------------------------------------------------------- reading

@@ -6,6 +6,7 @@
 * :func:`parse_time` — a command-line bound (``--start``/``--end``) -> int ns or None.
 * :func:`parse_day` — a command-line date ``YYYY-MM-DD`` / ``YYYY-MM`` -> UTC datetime.
 * :func:`iso` — int ns -> ISO-8601 with a ``Z``, at the precision the caller shows.
+* :func:`check_tz` — an IANA zone name (``--tz``, ``tz=``), checked once for every reader.
 """
 
 from __future__ import annotations
@@ -133,3 +134,17 @@ def iso(ns: int | None, precision: Precision = "exact", missing: str = "-") -> s
     if frac and precision == "exact":
         text += f".{frac:09d}".rstrip("0")
     return text + "Z"
+
+
+def check_tz(tz: str | None, what: str = "tz") -> str:
+    """The IANA zone name ``tz`` ('UTC' for None), or a UsageError saying the ``what`` (the
+    argument or flag that gave it) is not one."""
+    if tz is None:
+        return "UTC"
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(str(tz))
+    except (ZoneInfoNotFoundError, ValueError, TypeError):
+        raise UsageError(f"{what} {tz!r} is not a time zone: give an IANA name, e.g. 'America/New_York' or 'UTC'") from None
+    return str(tz)

@@ -140,6 +140,26 @@ def test_tz_cuts_months_in_that_zone_and_writes_offsets(store, tmp_path):
     assert first.startswith("2024-02-01T00:00:00-05:00,")
 
 
+@pytest.mark.parametrize("kind", ["str", "datetime", "Timestamp", "datetime64"])
+def test_naive_bounds_of_every_type_are_wall_clock_times_in_tz(store, tmp_path, kind):
+    """A naive --start/--end given as a string, datetime, pandas.Timestamp or numpy datetime64
+    means the same New York wall-clock time when tz is given (a datetime was read as UTC)."""
+    import datetime as dt
+
+    text = ("2024-02-10T09:00", "2024-02-10T17:00")
+    as_kind = {"str": str, "datetime": dt.datetime.fromisoformat, "Timestamp": pd.Timestamp,
+               "datetime64": np.datetime64}[kind]
+    [(p, n)] = export_bars(store, symbol="ES.c.0", timeframe="1h", tz=NY, out=tmp_path / "x.csv",
+                           start=as_kind(text[0]), end=as_kind(text[1]))
+    want = stored(store, "ES.c.0", "1h")
+    lo, hi = (pd.Timestamp(t, tz=NY) for t in text)
+    want = want[(want["ts_event"] >= lo) & (want["ts_event"] < hi)]
+    got = read_csv(p)
+    assert n == len(got) == len(want) == 8
+    np.testing.assert_array_equal(got["ts_event"].to_numpy(), want["ts_event"].to_numpy())
+    assert got["ts_event"].iloc[0] == pd.Timestamp("2024-02-10T14:00Z")
+
+
 def test_format_follows_suffix_and_gzip_round_trips(store, tmp_path):
     pq = pytest.importorskip("pyarrow.parquet")
     [(p, n)] = export_bars(store, symbol="ES.c.0", timeframe="1h", out=tmp_path / "x.parquet")

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..errors import UsageError
 from ..records import FIXED_PRICE_SCALE
+from ..timeutil import check_tz
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -21,19 +22,6 @@ if TYPE_CHECKING:  # pragma: no cover
 PRICE_FIELDS = ("open", "high", "low", "close")
 Engine = Literal["pandas", "polars"]
 ENGINES = ("pandas", "polars")
-
-
-def check_tz(tz: str | None) -> str:
-    """The IANA zone name ``tz`` ('UTC' for None), or a UsageError saying it is not one."""
-    if tz is None:
-        return "UTC"
-    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
-    try:
-        ZoneInfo(str(tz))
-    except (ZoneInfoNotFoundError, ValueError, TypeError):
-        raise UsageError(f"tz {tz!r} is not a time zone: give an IANA name, e.g. 'America/New_York' or 'UTC'") from None
-    return str(tz)
 
 
 def check_engine(engine: str) -> None:
