@@ -529,12 +529,8 @@ def _check_layout_separates(target: Target, series: list[Series]) -> None:
 
 
 def _raise_empty(reader: StoreReader, s: Series, start: Any, end: Any) -> None:
-    have = [i for i in reader.series(raw=True)
-            if i.symbol == s.symbol and i.timeframe == s.timeframe and i.dataset == s.dataset]
-    if not have:
-        raise StoreError(f"{s.symbol} has no {s.timeframe} bars in {reader.path}")
-    i = have[0]
-    held = f"{ns_to_iso(i.first)} .. {ns_to_iso(i.last)}" if i.rows else "no rows"
+    span = reader.span(s.symbol, s.timeframe, s.dataset)
+    held = f"{ns_to_iso(span[0])} .. {ns_to_iso(span[1])}" if span else "no rows"
     raise StoreError(
         f"no {s.symbol} {s.timeframe} bars in [{start or 'start'}, {end or 'end'}) (the store holds {held})"
     )

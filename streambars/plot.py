@@ -172,9 +172,8 @@ def load_candles(
         raise UsageError(f"{symbol} has no {tf.name} bars (stored: {', '.join(t.name for t in stored)})")
     n = reader.count(symbol, tf.name, start, end, dataset=dataset)
     if n == 0:
-        info = [s for s in reader.series(raw=True) if s.symbol == symbol and s.timeframe == tf.name
-                and dataset in (None, s.dataset)]  # fmt: skip
-        held = f"{iso(info[0].first)} .. {iso(info[0].last)}" if info and info[0].rows else "no rows"
+        span = reader.span(symbol, tf, dataset)
+        held = f"{iso(span[0])} .. {iso(span[1])}" if span else "no rows"
         raise UsageError(
             f"no {symbol} {tf.name} bars in [{iso(start) if start is not None else 'start'}, "
             f"{iso(end) if end is not None else 'end'}) (the store holds {held})"

@@ -254,3 +254,26 @@ def test_help_names_the_presets_and_formats_the_code_has(capsys):
     for name, template in export_mod.LAYOUTS.items():
         assert f"{name} = {template}" in text
     assert "{" + ",".join(export_mod.FORMATS) + "}" in text
+
+
+def test_span_is_one_series_first_and_last_bar(store, tmp_path):
+    """StoreReader.span: one file's (first, last) for a timeframe, as series() reports it and
+    as h5py reads it; None for a timeframe with no rows."""
+    from streambars.store import StoreReader
+
+    wants = {}
+    for sym in SYMBOLS:
+        for tf in ("1min", "1h"):
+            rows = stored(store, sym, tf)["ts_event"]  # h5py, before the reader holds the files open
+            wants[sym, tf] = (rows.iloc[0].value, rows.iloc[-1].value)
+    with StoreReader(store) as r:
+        for (sym, tf), want in wants.items():
+            assert r.span(sym, tf) == want
+            assert [(i.first, i.last) for i in r.series(raw=True) if (i.symbol, i.timeframe) == (sym, tf)] == [want]
+    empty = tmp_path / "empty"
+    with BarFileWriter(empty, DATASET, "ES.c.0", stype="raw_symbol", timeframes=parse_timeframes(["1min", "1h"]),
+                       session=UTC_MIDNIGHT) as w:
+        w.append({"1min": bars_every(11 * 60, 0)[:3]})
+    with StoreReader(empty) as r:
+        assert r.span("ES.c.0", "1h") is None
+        assert r.span("ES.c.0", "60s")[0] == START

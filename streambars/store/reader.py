@@ -428,6 +428,16 @@ class StoreReader:
     def timeframes(self, symbol: str, dataset: str | None = None) -> list[str]:
         return self._file(symbol, dataset).timeframes()
 
+    def span(self, symbol: str, timeframe: str | Timeframe, dataset: str | None = None) -> tuple[int, int] | None:
+        """(first, last) ``ts_event`` (int ns) of one stored series, None when it has no rows
+        or no such timeframe: what an empty read reports as "the store holds", without
+        opening every other file as :meth:`series` does."""
+        name = timeframe_name(timeframe)
+        for info in _file_series(self._file(symbol, dataset)):
+            if info.timeframe == name and info.rows:
+                return info.first, info.last
+        return None
+
     def _find(self, symbol: str, dataset: str | None) -> tuple[list[_File], list[Path]]:
         ok = [fh for fh in self._files.values() if fh.symbol == symbol and dataset in (None, fh.dataset)]
         bad = [p for p in self._problems if _name_of(p)[1] == symbol and dataset in (None, _name_of(p)[0])]
