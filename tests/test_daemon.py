@@ -225,3 +225,25 @@ def test_quiet_market_bars_close_on_the_wall_clock(tmp_path):
     # Closed by the clock: end + 1 s interval + 3 s grace, give or take the daemon's tick.
     delay = (seen_at - (last + _NS)) / 1e9
     assert 3.5 < delay < 20, delay
+
+
+def test_unresolved_symbol_log_hints_at_the_stype_it_looks_like(tmp_path):
+    """A parent symbol (ES.FUT) in a continuous subscription does not resolve: the daemon goes
+    on with the others and its error line says which --stype-in the symbol looks like."""
+    records = es_nq_records(300)
+    fake = make_gateway(records, rate=3000.0, heartbeat_interval=0.2)
+    store = tmp_path / "store"
+    try:
+        cfg = write_config(tmp_path / "c.toml", fake.gateway, store, symbols=["ES.c.0", "ES.FUT"])
+        d = Daemon(tmp_path, cfg)
+        event = "the gateway could not resolve a symbol; going on with the others"
+        wait_for(lambda: d.has_event(event), 30, "the unresolved-symbol error", daemon=d)
+        wait_for(lambda: row_counts(store, "ES.c.0").get("1s", 0) > 0, 20, "ES.c.0 bars", daemon=d)
+        d.signal(signal.SIGTERM)
+        assert d.wait(20) == 0
+    finally:
+        fake.stop()
+    [err] = [e for e in d.events() if e.get("event") == event]
+    assert err["symbol"] == "ES.FUT"
+    assert "ES.FUT is a parent symbol: add --stype-in parent" in err["hint"]
+    assert "Traceback" not in d.log_text()

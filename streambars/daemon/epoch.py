@@ -35,7 +35,7 @@ from anyio.abc import ObjectSendStream
 
 from .. import archive as archive_mod
 from ..archive import live_archive_head, live_archive_tail
-from ..config import Settings
+from ..config import Settings, stype_hint
 from ..errors import AuthenticationError, DatasetError, SourceError, StoreError
 from ..fsio import pid_alive
 from ..observe import get_logger, scrub
@@ -428,8 +428,9 @@ class Epoch:
                 if key not in self.symbol_errors:
                     self.symbol_errors.add(key)
                     self.stats.symbol_error()
+                    hint = stype_hint([ev.symbol], self.settings.databento.stype_in) if ev.symbol else ""
                     log.error("the gateway could not resolve a symbol; going on with the others",
-                              symbol=ev.symbol, message=scrub(ev.message))
+                              symbol=ev.symbol, message=scrub(ev.message), **({"hint": hint} if hint else {}))
             elif ev.code in ("auth_failed", "api_key_deactivated"):
                 raise AuthenticationError(f"the Live gateway: {scrub(ev.message)} ({ev.code})")
             elif ev.code == "skipped_records_after_slow_reading":
