@@ -380,6 +380,7 @@ def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
             tz=args.tz,
             out=args.out,
             on_rows=lambda n: progress.add(records=n, nbytes=n * BAR_DTYPE.itemsize),
+            on_total=lambda n: setattr(progress, "total_records", n),
         )
         progress.units_total = progress.units_done = len(written)
         display.update()

@@ -480,6 +480,7 @@ def export_bars(
     tz: str | None = None,
     out: Path | str,
     on_rows: OnRows | None = None,
+    on_total: OnRows | None = None,
 ) -> list[tuple[Path | str, int]]:
     """Write the bars of [start, end) of every selected series; returns (path, rows) per file
     written ('-' for stdout).
@@ -490,7 +491,9 @@ def export_bars(
     the base of ``layout`` (a preset of :data:`LAYOUTS` or a template). ``split="monthly"``
     is the layout ``{SYMBOL}_{YYYY}_{MM}_{TF}``. ``tz``: the zone of the written times, of
     naive ``start``/``end`` and of the period cuts (default UTC). Series without bars in the
-    range get no file; nothing at all is an error. ``on_rows(n)`` after each piece written."""
+    range get no file; nothing at all is an error. ``on_total(n)``: the rows the range holds
+    (binary searches, before anything is written: a progress display's ETA); ``on_rows(n)``
+    after each piece written."""
     target = plan_target(out, fmt, layout, split)
     if target.fmt == "parquet":
         _pyarrow()
@@ -507,6 +510,8 @@ def export_bars(
                 f"(e.g. {next(iter(LAYOUTS))}) or a directory --out (existing, or ending in /)")
         if target.kind == "layout":
             _check_layout_separates(target, series)
+        if on_total is not None:
+            on_total(sum(reader.count(s.symbol, s.timeframe, t0, t1, dataset=s.dataset) for s in series))
         taken: set[Path] = set()
         for s in series:
             written += write_series(read_blocks(reader, s, t0, t1), s, target, zone, on_rows or _no_progress, taken)

@@ -277,3 +277,18 @@ def test_span_is_one_series_first_and_last_bar(store, tmp_path):
     with StoreReader(empty) as r:
         assert r.span("ES.c.0", "1h") is None
         assert r.span("ES.c.0", "60s")[0] == START
+
+
+def test_on_total_is_the_rows_then_written(store, tmp_path):
+    """on_total (the progress display's ETA basis) is told the rows of the range before any is
+    written, and they are exactly the rows on_rows then reports and the files hold."""
+    totals, pieces = [], []
+    written = export_bars(store, symbol=list(SYMBOLS), timeframe="all", out=f"{tmp_path}/d/",
+                          start="2024-02-03", end="2024-02-20T05:30",
+                          on_total=totals.append, on_rows=lambda n: pieces.append((len(totals), n)))
+    want = sum(((stored(store, sym, tf)["ts_event"] >= pd.Timestamp("2024-02-03", tz="UTC"))
+                & (stored(store, sym, tf)["ts_event"] < pd.Timestamp("2024-02-20T05:30", tz="UTC"))).sum()
+               for sym in SYMBOLS for tf in ("1min", "1h"))
+    assert totals == [want] and want > 0
+    assert all(told == 1 for told, _ in pieces)  # every piece after the total
+    assert sum(n for _, n in pieces) == sum(n for _, n in written) == want
