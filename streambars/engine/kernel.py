@@ -11,6 +11,9 @@ the loop's register pressure low. Its regions, located by the header:
     levels it feeds, and a scratch mark (the step at which it last closed).
 ``bounds``
     the session boundaries (sorted ns) that daily intervals run between.
+``kids[level]``
+    the levels it feeds as a bit mask (0 with more than MAX_RUN_LEVELS levels: no run loop
+    then uses it), for the cascade of :func:`_run_exact`.
 ``lv[series, level, L_*]``
     the running bar: active flag, interval start and end (ns), open, high, low, close, volume
     (uint64 bits kept in int64) and count.
@@ -51,13 +54,14 @@ from __future__ import annotations
 import numba
 import numpy as np
 from numba import types
+from numba.cpython.unsafe.numbers import trailing_zeros
 
 from ..records import TAGGED_BAR_DTYPE, UNDEF_PRICE
 from ..rules import N_RECORD_RULES, TS_MISALIGNED, VOLUME_OVERFLOW, record_violations
 
 # header st[H_*]
 (H_LEVELS, H_SERIES, H_CFG, H_BOUNDS, H_NBOUNDS, H_LV, H_SER, H_INTERVAL, H_MAX_VOLUME,
- H_LAST_ROOT, H_DROP_MASK, H_FAIL_MASK, H_MODE, H_UNTIL, H_FOLD_OVERFLOW) = range(15)
+ H_LAST_ROOT, H_DROP_MASK, H_FAIL_MASK, H_MODE, H_UNTIL, H_FOLD_OVERFLOW, H_KIDS) = range(16)
 MODE_RECORDS, MODE_FLUSH, MODE_FINISH = 0, 1, 2  # st[H_MODE]: what aggregate() does
 N_HEADER = 16
 
@@ -94,13 +98,18 @@ def _U(i):
 
 
 
+#: a run's cascade (:func:`_cascade`) keeps the levels to visit as bits of one int64
+MAX_RUN_LEVELS = 63
+
+
 def layout(n_levels: int, n_bounds: int, n_series: int) -> dict[str, int]:
     """Offsets of the arena's regions (the wrapper builds and slices the arena with them)."""
     cfg = N_HEADER
     bounds = cfg + n_levels * N_CFG_FIELDS
-    lv = bounds + n_bounds
+    kids = bounds + n_bounds
+    lv = kids + n_levels
     ser = lv + n_series * n_levels * N_LEVEL_FIELDS
-    return {"cfg": cfg, "bounds": bounds, "lv": lv, "ser": ser, "size": ser + n_series * N_SERIES_FIELDS}
+    return {"cfg": cfg, "bounds": bounds, "kids": kids, "lv": lv, "ser": ser, "size": ser + n_series * N_SERIES_FIELDS}
 
 
 @numba.njit(cache=True, inline="always", _nrt=False)
@@ -231,6 +240,25 @@ def _levels(st, s, t, mark, sweep, out, nout, k0, pending):
             pending += st[_U(c + C_CHILDREN)]
         if pending == 0 and k >= last_root and not sweep:
             break
+    return nout
+
+
+@numba.njit(cache=True, inline="always", _nrt=False)
+def _cascade(st, s, t, out, nout, todo, cfg, base):
+    """:func:`_levels` inside a run (one root, no sweep): ``todo`` holds the levels whose
+    source just closed as bits, taken finest first, so only the levels that fold are visited,
+    in the order and with the folds and bars of :func:`_levels`, with no marks to read or
+    write (a level's children are coarser: their bits are above its own)."""
+    kids = st[_U(H_KIDS)]
+    while todo != 0:
+        k = np.int64(trailing_zeros(todo))
+        todo &= todo - 1
+        c = cfg + k * N_CFG_FIELDS
+        b = base + k * N_LEVEL_FIELDS
+        _fold_bar(st, b, base + st[_U(c + C_SOURCE)] * N_LEVEL_FIELDS, c)
+        if t >= st[_U(b + L_END)]:
+            nout = _emit(st, b, s, k, out, nout)
+            todo |= st[_U(kids + k)]
     return nout
 
 
@@ -470,7 +498,9 @@ def _run_exact(series, ts, op, hi, lo, cl, vol, i, n, s, st, b, sb, c1, out, nou
     a0, t0, e0 = st[_U(b + L_ACTIVE)], st[_U(b + L_START)], st[_U(b + L_END)]
     o0, h0, l0, k0 = st[_U(b + L_OPEN)], st[_U(b + L_HIGH)], st[_U(b + L_LOW)], st[_U(b + L_CLOSE)]
     v0, n0 = np.uint64(st[_U(b + L_VOLUME)]), st[_U(b + L_COUNT)]
-    nanos1, daily1, children1 = st[_U(c1 + C_NANOS)], st[_U(c1 + C_DAILY)], st[_U(c1 + C_CHILDREN)]
+    nanos1, daily1 = st[_U(c1 + C_NANOS)], st[_U(c1 + C_DAILY)]
+    kids1 = st[_U(st[_U(H_KIDS)] + 1)]
+    cfg = st[_U(H_CFG)]
     s1, e1 = st[_U(b1 + L_START)], st[_U(b1 + L_END)]
     idle1 = st[_U(b1 + L_ACTIVE)] == 0
     if idle1:
@@ -525,8 +555,7 @@ def _run_exact(series, ts, op, hi, lo, cl, vol, i, n, s, st, b, sb, c1, out, nou
             st[_U(b1 + L_VOLUME)] = np.int64(v1)
             st[_U(b1 + L_COUNT)] = n1
             nout = _emit(st, b1, s, 1, out, nout)
-            st[_U(c1 + C_MARK)] = j
-            nout = _levels(st, s, t, j, False, out, nout, 2, children1)
+            nout = _cascade(st, s, t, out, nout, kids1, cfg, b)
             if st[_U(H_FOLD_OVERFLOW)] != 0 and _fold_overflowed(st, sb, t, fail_mask):
                 a0, last, failed = 0, t, True  # the finest bar stays emitted, the record out
                 break
@@ -629,7 +658,7 @@ def aggregate(series, ts, op, hi, lo, cl, vol, start, st, out):
     # holds the running bars in registers (see _run_root and _run_exact): with one root level,
     # only a record that closes a bar (or breaks a rule) needs the general path below
     run = RUN_NONE
-    if fast and n_levels > 1 and children0 == 1:
+    if fast and 1 < n_levels <= MAX_RUN_LEVELS and children0 == 1:
         run = RUN_EXACT
     elif fast and n_levels == 1:
         run = RUN_SINGLE
