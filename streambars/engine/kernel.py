@@ -31,10 +31,11 @@ invariant that every running bar contains the series' clock.
 
 That is the general path. With one root level, the records of a series that follow one
 another take a run loop instead, the running bars held in registers and written back once
-(:func:`_run_root`: records into the root's bar, which they close and open; :func:`_run_exact`: input bars at the
-finest level's interval, each closing the previous one into level 1, the cascade entered
-only at level 1's end). A run hands every other record back to the general path, so the
-bars and the state are the general path's (tests/test_engine_kernel_diff.py).
+(:func:`_run_root`: records into the root's bar, which they close and open; :func:`_run_single`:
+input bars at the one level's interval; :func:`_run_exact`: input bars at the finest level's
+interval, each closing the previous one into level 1, the cascade entered only at level 1's
+end). A run hands every other record back to the general path, so the bars and the state
+are the general path's (tests/test_engine_runs_diff.py).
 
 Volumes are uint64 sums and saturate at 2**64 - 1 instead of wrapping (rule volume_overflow).
 A record whose own volume would overflow a running root bar is checked before anything
