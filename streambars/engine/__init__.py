@@ -119,6 +119,11 @@ class Aggregator:
             if cfg[k, K.C_SOURCE] >= 0:
                 cfg[cfg[k, K.C_SOURCE], K.C_CHILDREN] += 1
         self.sources: tuple[int, ...] = tuple(int(x) for x in cfg[:, K.C_SOURCE])
+        self._kids = np.zeros(n, np.int64)  # the levels each one feeds, as bits (see kernel.py)
+        if n <= K.MAX_RUN_LEVELS:
+            for k, src in enumerate(self.sources):
+                if src >= 0:
+                    self._kids[src] |= 1 << k
 
         pol = policy_array(policies or {}, default_policy)
         head = np.zeros(K.N_HEADER, np.int64)
@@ -160,8 +165,10 @@ class Aggregator:
         st[: K.N_HEADER] = self._head
         st[K.H_SERIES] = n_series
         st[K.H_CFG], st[K.H_BOUNDS], st[K.H_LV], st[K.H_SER] = off["cfg"], off["bounds"], off["lv"], off["ser"]
+        st[K.H_KIDS] = off["kids"]
         st[off["cfg"]:off["bounds"]] = self._cfg.ravel()
-        st[off["bounds"]:off["lv"]] = self._bounds
+        st[off["bounds"]:off["kids"]] = self._bounds
+        st[off["kids"]:off["lv"]] = self._kids
         self._st = st
         self._lv = st[off["lv"]:off["ser"]].reshape(n_series, n, K.N_LEVEL_FIELDS)  # views of st
         self._ser = st[off["ser"]:].reshape(n_series, K.N_SERIES_FIELDS)

@@ -11,6 +11,9 @@ the loop's register pressure low. Its regions, located by the header:
     levels it feeds, and a scratch mark (the step at which it last closed).
 ``bounds``
     the session boundaries (sorted ns) that daily intervals run between.
+``kids[level]``
+    the levels it feeds as a bit mask (0 with more than MAX_RUN_LEVELS levels: no run loop
+    then uses it), for the cascade of :func:`_run_exact`.
 ``lv[series, level, L_*]``
     the running bar: active flag, interval start and end (ns), open, high, low, close, volume
     (uint64 bits kept in int64) and count.
@@ -28,10 +31,11 @@ invariant that every running bar contains the series' clock.
 
 That is the general path. With one root level, the records of a series that follow one
 another take a run loop instead, the running bars held in registers and written back once
-(:func:`_run_root`: records into the root's bar, which they close and open; :func:`_run_exact`: input bars at the
-finest level's interval, each closing the previous one into level 1, the cascade entered
-only at level 1's end). A run hands every other record back to the general path, so the
-bars and the state are the general path's (tests/test_engine_kernel_diff.py).
+(:func:`_run_root`: records into the root's bar, which they close and open; :func:`_run_single`:
+input bars at the one level's interval; :func:`_run_exact`: input bars at the finest level's
+interval, each closing the previous one into level 1, the cascade entered only at level 1's
+end). A run hands every other record back to the general path, so the bars and the state
+are the general path's (tests/test_engine_runs_diff.py).
 
 Volumes are uint64 sums and saturate at 2**64 - 1 instead of wrapping (rule volume_overflow).
 A record whose own volume would overflow a running root bar is checked before anything
@@ -51,13 +55,14 @@ from __future__ import annotations
 import numba
 import numpy as np
 from numba import types
+from numba.cpython.unsafe.numbers import trailing_zeros
 
 from ..records import TAGGED_BAR_DTYPE, UNDEF_PRICE
 from ..rules import N_RECORD_RULES, TS_MISALIGNED, VOLUME_OVERFLOW, record_violations
 
 # header st[H_*]
 (H_LEVELS, H_SERIES, H_CFG, H_BOUNDS, H_NBOUNDS, H_LV, H_SER, H_INTERVAL, H_MAX_VOLUME,
- H_LAST_ROOT, H_DROP_MASK, H_FAIL_MASK, H_MODE, H_UNTIL, H_FOLD_OVERFLOW) = range(15)
+ H_LAST_ROOT, H_DROP_MASK, H_FAIL_MASK, H_MODE, H_UNTIL, H_FOLD_OVERFLOW, H_KIDS) = range(16)
 MODE_RECORDS, MODE_FLUSH, MODE_FINISH = 0, 1, 2  # st[H_MODE]: what aggregate() does
 N_HEADER = 16
 
@@ -79,10 +84,11 @@ N_SERIES_FIELDS = S_FIRST + N_FIRST * N_RECORD_RULES
 # kernel status
 OK, FULL, GROW, FAIL, BAD_SERIES = range(5)
 # which run loop follows a record (aggregate() picks it from the configuration)
-RUN_NONE, RUN_ROOT, RUN_EXACT = range(3)
+RUN_NONE, RUN_ROOT, RUN_EXACT, RUN_SINGLE = range(4)
 
 DAY_NS = 86_400 * 1_000_000_000
 U64_MAX = np.uint64(0xFFFFFFFFFFFFFFFF)  # a volume sum saturates here (volume_overflow)
+I64_MIN, I64_MAX = np.int64(-(2**63)), np.int64(2**63 - 1)
 
 
 @numba.njit(cache=True, inline="always", _nrt=False)
@@ -93,13 +99,18 @@ def _U(i):
 
 
 
+#: a run's cascade (:func:`_cascade`) keeps the levels to visit as bits of one int64
+MAX_RUN_LEVELS = 63
+
+
 def layout(n_levels: int, n_bounds: int, n_series: int) -> dict[str, int]:
     """Offsets of the arena's regions (the wrapper builds and slices the arena with them)."""
     cfg = N_HEADER
     bounds = cfg + n_levels * N_CFG_FIELDS
-    lv = bounds + n_bounds
+    kids = bounds + n_bounds
+    lv = kids + n_levels
     ser = lv + n_series * n_levels * N_LEVEL_FIELDS
-    return {"cfg": cfg, "bounds": bounds, "lv": lv, "ser": ser, "size": ser + n_series * N_SERIES_FIELDS}
+    return {"cfg": cfg, "bounds": bounds, "kids": kids, "lv": lv, "ser": ser, "size": ser + n_series * N_SERIES_FIELDS}
 
 
 @numba.njit(cache=True, inline="always", _nrt=False)
@@ -230,6 +241,25 @@ def _levels(st, s, t, mark, sweep, out, nout, k0, pending):
             pending += st[_U(c + C_CHILDREN)]
         if pending == 0 and k >= last_root and not sweep:
             break
+    return nout
+
+
+@numba.njit(cache=True, inline="always", _nrt=False)
+def _cascade(st, s, t, out, nout, todo, cfg, base):
+    """:func:`_levels` inside a run (one root, no sweep): ``todo`` holds the levels whose
+    source just closed as bits, taken finest first, so only the levels that fold are visited,
+    in the order and with the folds and bars of :func:`_levels`, with no marks to read or
+    write (a level's children are coarser: their bits are above its own)."""
+    kids = st[_U(H_KIDS)]
+    while todo != 0:
+        k = np.int64(trailing_zeros(todo))
+        todo &= todo - 1
+        c = cfg + k * N_CFG_FIELDS
+        b = base + k * N_LEVEL_FIELDS
+        _fold_bar(st, b, base + st[_U(c + C_SOURCE)] * N_LEVEL_FIELDS, c)
+        if t >= st[_U(b + L_END)]:
+            nout = _emit(st, b, s, k, out, nout)
+            todo |= st[_U(kids + k)]
     return nout
 
 
@@ -379,6 +409,76 @@ def _run_root(series, ts, op, hi, lo, cl, vol, i, n, s, st, b, sb, c0, out, nout
 
 
 @numba.njit(cache=True, inline="always", _nrt=False)
+def _stop(j, n, cap, nout, n_levels):
+    """How far a run may go before it must look at ``out`` again: a record emits at most
+    ``n_levels`` bars, so the records before the returned index all have the room the general
+    path asks for (``nout + n_levels <= cap``), and one check serves many records."""
+    return min(n, j + (cap - nout) // n_levels)
+
+
+@numba.njit(cache=True, inline="always", _nrt=False)
+def _clean_exact(t, e0, o, h, lw, c, v, vmax, tz, inv, lim, low):
+    """:func:`_clean` for a run at the input interval, plus "past the running finest bar"
+    (t >= e0: a tie takes the general path), as one expression of ``&`` so that it compiles
+    to a single branch instead of one per condition. ``vmax`` is max_volume or, with no
+    ceiling, 2**64 - 1, so ``v - 1 < vmax`` (wrapping at v = 0) is v != 0 and v <= max_volume."""
+    return ((t >= e0) & (lw > 0) & (h < UNDEF_PRICE) & (lw <= min(o, c)) & (max(o, c) <= h)
+            & (v - np.uint64(1) < vmax) & (t >= 0) & ((t & low) == 0)
+            & (np.uint64(t >> tz) * inv <= lim))
+
+
+@numba.njit(cache=True, inline="always", _nrt=False)
+def _run_single(series, ts, op, hi, lo, cl, vol, i, n, s, st, b, sb, out, nout,
+                max_volume, interval, tz, inv, lim, low):
+    """Records ``i..`` of series ``s`` when the one level is the input interval (1s bars into
+    1s alone): each record emits the running bar from registers and becomes the next one.
+    Stops before a record that is not clean, not past the running bar (a tie), of another
+    series, or when ``out`` is full; the general path takes it. Returns the first record
+    not taken and nout."""
+    t0, e0 = st[_U(b + L_START)], st[_U(b + L_END)]
+    o0, h0, l0, k0 = st[_U(b + L_OPEN)], st[_U(b + L_HIGH)], st[_U(b + L_LOW)], st[_U(b + L_CLOSE)]
+    v0, n0 = np.uint64(st[_U(b + L_VOLUME)]), st[_U(b + L_COUNT)]
+    vmax = max_volume if max_volume != np.uint64(0) else U64_MAX
+    cap = out.shape[0]
+    j = i
+    stop = j
+    while True:
+        if j >= stop:
+            stop = _stop(j, n, cap, nout, 1)
+            if j >= stop:
+                break
+        uj = _U(j)
+        t = ts[uj]
+        o, h, lw, c, v = op[uj], hi[uj], lo[uj], cl[uj], vol[uj]
+        if not ((series[uj] == s) & _clean_exact(t, e0, o, h, lw, c, v, vmax, tz, inv, lim, low)):
+            break
+        row = out[_U(nout)]
+        row.series = s
+        row.timeframe = 0
+        row.ts_event = t0
+        row.open = o0
+        row.high = h0
+        row.low = l0
+        row.close = k0
+        row.volume = v0
+        row.count = np.uint32(n0)
+        nout += 1
+        t0, e0, o0, h0, l0, k0, v0, n0 = t, t + interval, o, h, lw, c, v, 1
+        j += 1
+    if j > i:
+        st[_U(b + L_START)] = t0
+        st[_U(b + L_END)] = e0
+        st[_U(b + L_OPEN)] = o0
+        st[_U(b + L_HIGH)] = h0
+        st[_U(b + L_LOW)] = l0
+        st[_U(b + L_CLOSE)] = k0
+        st[_U(b + L_VOLUME)] = np.int64(v0)
+        st[_U(b + L_COUNT)] = n0
+        st[_U(sb + S_LAST)] = t0
+    return j, nout
+
+
+@numba.njit(cache=True, inline="always", _nrt=False)
 def _run_exact(series, ts, op, hi, lo, cl, vol, i, n, s, st, b, sb, c1, out, nout, n_levels,
                max_volume, interval, tz, inv, lim, low, fail_mask):
     """Records ``i..`` of series ``s`` when the finest level is the input interval (1s bars
@@ -389,39 +489,52 @@ def _run_exact(series, ts, op, hi, lo, cl, vol, i, n, s, st, b, sb, c1, out, nou
     before a record that is not clean, not past the finest bar (a tie), of another series,
     that would overflow level 1's volume, or when ``out`` is full; the general path takes it.
     Returns ``(first record not taken, nout, failed)``: failed means that record's cascade
-    broke volume_overflow with policy fail (the state is then the general path's)."""
+    broke volume_overflow with policy fail (the state is then the general path's).
+
+    An idle level 1 (just closed, or idle on entry) is held as the identity of the fold
+    (high -inf, low +inf, volume and count 0) with the next bar's open and interval, so the
+    fold needs no branch on whether it opens the bar; ``idle1`` says the registers hold no
+    bar yet, and then st keeps what the general path would have left there."""
     b1 = b + N_LEVEL_FIELDS
     a0, t0, e0 = st[_U(b + L_ACTIVE)], st[_U(b + L_START)], st[_U(b + L_END)]
     o0, h0, l0, k0 = st[_U(b + L_OPEN)], st[_U(b + L_HIGH)], st[_U(b + L_LOW)], st[_U(b + L_CLOSE)]
     v0, n0 = np.uint64(st[_U(b + L_VOLUME)]), st[_U(b + L_COUNT)]
-    a1, s1, e1 = st[_U(b1 + L_ACTIVE)], st[_U(b1 + L_START)], st[_U(b1 + L_END)]
-    o1, h1, l1, k1 = st[_U(b1 + L_OPEN)], st[_U(b1 + L_HIGH)], st[_U(b1 + L_LOW)], st[_U(b1 + L_CLOSE)]
-    v1, n1 = np.uint64(st[_U(b1 + L_VOLUME)]), st[_U(b1 + L_COUNT)]
+    nanos1, daily1 = st[_U(c1 + C_NANOS)], st[_U(c1 + C_DAILY)]
+    kids1 = st[_U(st[_U(H_KIDS)] + 1)]
+    cfg = st[_U(H_CFG)]
+    s1, e1 = st[_U(b1 + L_START)], st[_U(b1 + L_END)]
+    idle1 = st[_U(b1 + L_ACTIVE)] == 0
+    if idle1:
+        s1, e1 = bucket(st, t0, nanos1, daily1, e1)
+        o1, h1, l1, k1, v1, n1 = o0, I64_MIN, I64_MAX, k0, np.uint64(0), np.int64(0)
+    else:
+        o1, h1, l1, k1 = st[_U(b1 + L_OPEN)], st[_U(b1 + L_HIGH)], st[_U(b1 + L_LOW)], st[_U(b1 + L_CLOSE)]
+        v1, n1 = np.uint64(st[_U(b1 + L_VOLUME)]), st[_U(b1 + L_COUNT)]
+    vmax = max_volume if max_volume != np.uint64(0) else U64_MAX
     last = st[_U(sb + S_LAST)]
     cap = out.shape[0]
     failed = False
     j = i
-    while j < n and nout + n_levels <= cap:
+    stop = j
+    while True:
+        if j >= stop:
+            stop = _stop(j, n, cap, nout, n_levels)
+            if j >= stop:
+                break
         uj = _U(j)
         t = ts[uj]
-        if series[uj] != s or t < e0:
-            break
         o, h, lw, c, v = op[uj], hi[uj], lo[uj], cl[uj], vol[uj]
-        if not _clean(t, o, h, lw, c, v, max_volume, interval, tz, inv, lim, low):
+        summed = v1 + v0
+        if not ((series[uj] == s) & _clean_exact(t, e0, o, h, lw, c, v, vmax, tz, inv, lim, low)
+                & (summed >= v1)):
             break
-        # the finest bar closes and folds into level 1 (opening it, as _fold_bar does)
-        if a1 == 0:
-            s1, e1 = bucket(st, t0, st[_U(c1 + C_NANOS)], st[_U(c1 + C_DAILY)], e1)
-            a1, o1, h1, l1, v1, n1 = 1, o0, h0, l0, v0, n0
-        else:
-            summed = v1 + v0
-            if summed < v1:
-                break
-            v1 = summed
-            h1 = max(h1, h0)
-            l1 = min(l1, l0)
-            n1 += n0
+        # the finest bar closes and folds into level 1
+        v1 = summed
+        h1 = max(h1, h0)
+        l1 = min(l1, l0)
+        n1 += n0
         k1 = k0
+        idle1 = False
         row = out[_U(nout)]
         row.series = s
         row.timeframe = 0
@@ -443,13 +556,14 @@ def _run_exact(series, ts, op, hi, lo, cl, vol, i, n, s, st, b, sb, c1, out, nou
             st[_U(b1 + L_VOLUME)] = np.int64(v1)
             st[_U(b1 + L_COUNT)] = n1
             nout = _emit(st, b1, s, 1, out, nout)
-            a1 = 0
-            st[_U(c1 + C_MARK)] = j
-            nout = _levels(st, s, t, j, False, out, nout, 2, st[_U(c1 + C_CHILDREN)])
+            nout = _cascade(st, s, t, out, nout, kids1, cfg, b)
             if st[_U(H_FOLD_OVERFLOW)] != 0 and _fold_overflowed(st, sb, t, fail_mask):
                 a0, last, failed = 0, t, True  # the finest bar stays emitted, the record out
                 break
-        a0, t0, e0, o0, h0, l0, k0, v0, n0 = 1, t, t + interval, o, h, lw, c, v, 1
+            # the record's bar is the next one folded into level 1: open level 1 for it
+            s1, e1 = bucket(st, t, nanos1, daily1, e1)
+            o1, h1, l1, v1, n1, idle1 = o, I64_MIN, I64_MAX, np.uint64(0), np.int64(0), True
+        t0, e0, o0, h0, l0, k0, v0, n0 = t, t + interval, o, h, lw, c, v, 1
         last = t
         j += 1
     st[_U(b + L_ACTIVE)] = a0
@@ -461,15 +575,16 @@ def _run_exact(series, ts, op, hi, lo, cl, vol, i, n, s, st, b, sb, c1, out, nou
     st[_U(b + L_CLOSE)] = k0
     st[_U(b + L_VOLUME)] = np.int64(v0)
     st[_U(b + L_COUNT)] = n0
-    st[_U(b1 + L_ACTIVE)] = a1
-    st[_U(b1 + L_START)] = s1
-    st[_U(b1 + L_END)] = e1
-    st[_U(b1 + L_OPEN)] = o1
-    st[_U(b1 + L_HIGH)] = h1
-    st[_U(b1 + L_LOW)] = l1
-    st[_U(b1 + L_CLOSE)] = k1
-    st[_U(b1 + L_VOLUME)] = np.int64(v1)
-    st[_U(b1 + L_COUNT)] = n1
+    if not (failed or idle1):  # else st holds level 1 as the general path leaves it
+        st[_U(b1 + L_ACTIVE)] = 1
+        st[_U(b1 + L_START)] = s1
+        st[_U(b1 + L_END)] = e1
+        st[_U(b1 + L_OPEN)] = o1
+        st[_U(b1 + L_HIGH)] = h1
+        st[_U(b1 + L_LOW)] = l1
+        st[_U(b1 + L_CLOSE)] = k1
+        st[_U(b1 + L_VOLUME)] = np.int64(v1)
+        st[_U(b1 + L_COUNT)] = n1
     st[_U(sb + S_LAST)] = last
     return j, nout, failed
 
@@ -544,8 +659,10 @@ def aggregate(series, ts, op, hi, lo, cl, vol, start, st, out):
     # holds the running bars in registers (see _run_root and _run_exact): with one root level,
     # only a record that closes a bar (or breaks a rule) needs the general path below
     run = RUN_NONE
-    if fast and n_levels > 1 and children0 == 1:
+    if fast and 1 < n_levels <= MAX_RUN_LEVELS and children0 == 1:
         run = RUN_EXACT
+    elif fast and n_levels == 1:
+        run = RUN_SINGLE
     elif last_root == 0 and not exact0:
         run = RUN_ROOT
     _reset_marks(st)
@@ -628,6 +745,10 @@ def aggregate(series, ts, op, hi, lo, cl, vol, start, st, out):
                 if failed:
                     return i, nout, FAIL, VOLUME_OVERFLOW
                 i -= 1
+            elif run == RUN_SINGLE and i + 1 < n and series[_U(i + 1)] == s:
+                i, nout = _run_single(series, ts, op, hi, lo, cl, vol, i + 1, n, s, st, base, sb, out, nout,
+                                      max_volume, interval, tz, inv, lim, low)
+                i -= 1
             continue
         # volume_overflow by the record itself: it can only overflow a running root bar it
         # lands in (t before its end), and must be known before anything changes so that drop
@@ -705,5 +826,9 @@ def aggregate(series, ts, op, hi, lo, cl, vol, start, st, out):
                                          interval, tz, inv, lim, low, fail_mask)
             if failed:
                 return i, nout, FAIL, VOLUME_OVERFLOW
+            i -= 1
+        elif run == RUN_SINGLE and i + 1 < n and series[_U(i + 1)] == s and st[_U(base + L_ACTIVE)] != 0:
+            i, nout = _run_single(series, ts, op, hi, lo, cl, vol, i + 1, n, s, st, base, sb, out, nout,
+                                  max_volume, interval, tz, inv, lim, low)
             i -= 1
     return n, nout, OK, 0

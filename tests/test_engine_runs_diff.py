@@ -1,0 +1,108 @@
+"""The kernel's run loops against the frozen kernel before them (engine_kernel_v2), bar for bar
+and state word for state word, with the frozen kernel really called.
+
+``Aggregator.process`` and the flushes call the compiled entry point ``engine._direct``, not
+``engine._aggregate``: test_engine_kernel_diff's Twin swaps only the latter, so its two
+aggregators both run the current kernel for every batch of plain columns. This Twin swaps
+both. The set-ups aim at the run loops: 1s alone (_run_single), 1s + 5s (_run_exact with no
+cascade), 1s..1d (_run_exact and its cascade), 1s with two children of 1s (no run loop), a
+1s..1d ladder with 7s/13s roots; and the random set-ups of test_engine_kernel_diff.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import streambars.engine as engine
+from streambars.errors import RuleViolationError
+from streambars.timeframes import STANDARD_TIMEFRAMES
+
+from . import engine_kernel_v2 as frozen
+from .test_engine_kernel_diff import S, Twin, stream
+
+FIXED = [
+    ["1s"],
+    ["1s", "5s"],
+    list(STANDARD_TIMEFRAMES),
+    ["1s", "5s", "10s", "15s", "30s", "1min", "1h", "1d"],
+    ["1s", "7s", "13s", "1min"],
+    ["1s", "2s", "1min", "1d"],
+]
+
+
+class RealTwin(Twin):
+    def __init__(self, rng: np.random.Generator, kind: str, tfs: list[str] | None = None):
+        super().__init__(rng, kind)
+        if tfs is not None:  # the same random policies and options, these timeframes
+            new = self.new
+            kw = dict(input_kind=kind, session=new.session, max_volume=int(rng.choice([0, 10**6])),
+                      policies={k: v.name.lower() for k, v in new.policies.items()},
+                      out_capacity=int(rng.choice([64, 65_536])))
+            self.new, self.old = engine.Aggregator(tfs, **kw), engine.Aggregator(tfs, **kw)
+            self.label = f"{tfs} {kw}"
+
+    def both(self, method: str, *args):
+        results = []
+        saved = engine._aggregate, engine._direct
+        for agg, kernel in ((self.new, None), (self.old, frozen.aggregate)):
+            if kernel is not None:
+                engine._aggregate = engine._direct = kernel
+            try:
+                results.append(getattr(agg, method)(*args))
+            except RuleViolationError as err:
+                results.append(err)
+            finally:
+                engine._aggregate, engine._direct = saved
+        return results
+
+
+def run_twin(twin: RealTwin, rng: np.random.Generator, kind: str, n: int, n_series: int, sizes) -> None:
+    batch = stream(rng, kind, n, n_series)
+    i = 0
+    while i < len(batch):
+        size = int(rng.choice(sizes))
+        new, old = twin.both("process", batch.slice(i, i + size))
+        twin.check(new, old, f"process [{i}, {i + size})")
+        if isinstance(new, RuleViolationError):
+            i += new.index + 1
+            continue
+        i += size
+        if rng.random() < 0.1 and i < len(batch):
+            until = int(batch.ts_event[i]) - int(rng.integers(0, 3_600)) * S
+            twin.check(*twin.both("flush", until), f"flush({until})")
+    twin.check(*twin.both("finish"), "finish")
+    assert np.array_equal(twin.new.counts, twin.old.counts)
+
+
+@pytest.mark.parametrize("tfs", range(len(FIXED)))
+@pytest.mark.parametrize("seed", range(6))
+def test_run_loops_equal_the_frozen_kernel(tfs, seed):
+    rng = np.random.default_rng(1000 + seed)
+    twin = RealTwin(rng, "ohlcv-1s", FIXED[tfs])
+    run_twin(twin, rng, "ohlcv-1s", 3_000, [1, 1, 2, 3][seed % 4], [1, 7, 64, 500, 4_000])
+
+
+@pytest.mark.parametrize("seed", range(48))
+def test_random_set_ups_equal_the_frozen_kernel(seed):
+    """test_engine_kernel_diff's cases, with the frozen kernel really called."""
+    rng = np.random.default_rng(seed)
+    kind = ["ohlcv-1s", "trades"][seed % 2]
+    twin = RealTwin(rng, kind)
+    run_twin(twin, rng, kind, int(rng.integers(200, 3_000)), int(rng.choice([1, 1, 2, 3])), [1, 7, 64, 500, 4_000])
+
+
+def test_the_frozen_kernel_is_called(monkeypatch):
+    """RealTwin runs the old aggregator on the frozen kernel (else the cases above would
+    compare the current kernel with itself)."""
+    real, calls = frozen.aggregate, []
+
+    def counting(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(frozen, "aggregate", counting)
+    rng = np.random.default_rng(7)
+    twin = RealTwin(rng, "ohlcv-1s", ["1s", "5s"])
+    twin.both("process", stream(rng, "ohlcv-1s", 100, 1))
+    assert calls
