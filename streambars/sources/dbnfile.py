@@ -180,6 +180,25 @@ class _Stream:
         self._have = len(rest)
         return out
 
+    def read_into(self, buf: memoryview) -> int:
+        """Fill ``buf`` with the next bytes (fewer only at the end); how many. The pieces are
+        copied into memory used again and again instead of joined into a new buffer each
+        time (~0.1-0.3 s of a 845 MB decompressed year, much of it fresh pages)."""
+        n = len(buf)
+        self._fill(n)
+        got = 0
+        while self._parts and got < n:
+            part = memoryview(self._parts[0])
+            k = min(len(part), n - got)
+            buf[got:got + k] = part[:k]
+            got += k
+            if k < len(part):
+                self._parts[0] = part[k:]
+            else:
+                self._parts.pop(0)
+        self._have -= got
+        return got
+
     def read(self, n: int) -> bytes:
         return bytes(self.read_view(n))
 
@@ -308,11 +327,14 @@ def iter_records(
     position: Callable[[int], None] | None = None,
     tee: Callable[[bytes], None] | None = None,
     check: bool = True,
+    reuse: bool = False,
 ) -> Iterator[tuple[DbnInfo, np.ndarray]]:
     """Yield (info, structured array of DBN structs) chunks of at most ``chunk_records``;
     ``tee`` receives every byte of the file as read (once the last chunk is out: all of it).
     ``check=False``: the caller checks each record's ``length`` and ``rtype`` itself
-    (:func:`iter_batches` does, in the pass that makes its columns).
+    (:func:`iter_batches` does, in the pass that makes its columns). ``reuse=True``: every
+    chunk is a view of one buffer, valid only until the next is asked for (iter_batches
+    copies what it needs out of each chunk at once).
 
     ``position(n)``, if given, is told the bytes of the file read so far before each chunk
     is yielded (progress: a file's size is known up front, its record count is not).
@@ -335,8 +357,9 @@ def iter_records(
         dtype = record_dtype(schema, info.version, info.ts_out)
         size = dtype.itemsize
         done = 0
+        buf = memoryview(bytearray(size * chunk_records)) if reuse else None
         while True:
-            raw = s.read_view(size * chunk_records)
+            raw = s.read_view(size * chunk_records) if buf is None else buf[:s.read_into(buf)]
             if not raw:
                 return
             loose = len(raw) % size
@@ -501,7 +524,7 @@ def iter_batches(
     resolver: _Resolver | None = None
     done = 0
     for info, arr in iter_records(p, expected_schema=expected_schema, chunk_records=chunk_records,
-                                  position=position, check=False):
+                                  position=position, check=False, reuse=True):
         if resolver is None:
             st = info.stype_in or stype_in
             if st != info.stype_in:
