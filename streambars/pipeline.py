@@ -311,7 +311,10 @@ async def run_pipeline(
                     if item.on_saved is not None:
                         item.on_saved()
                     continue
-                written = await anyio.to_thread.run_sync(writers.write, item, registry.names)
+                if isinstance(item, BarBatch) and writers.hold(item, registry.names):
+                    written = 0  # queued for a later slab: no thread hop for it
+                else:
+                    written = await anyio.to_thread.run_sync(writers.write, item, registry.names)
                 stats.bars_written += written
                 if on_written is not None:
                     on_written(item, written)
