@@ -51,7 +51,7 @@ from .config import Settings, check_timeframes_fit, load_api_key, stype_hint
 from .engine import Aggregator
 from .engine.kernel import S_LAST
 from .errors import CostLimitError, Interrupted, SourceError, UsageError
-from .fsio import pid_alive, replace_file, temp_beside
+from .fsio import SyncBehind, pid_alive, replace_file, temp_beside
 from .ledger import EMPTY, LIVE, Ledger, Span, live_span, span_key
 from .observe import Progress, ProgressDisplay, get_logger
 from .pipeline import (
@@ -915,22 +915,26 @@ class _Input:
         path = info.path
         tmp = temp_beside(raw / INPUTS_DIR / path.name)
         try:
-            with open(tmp, "xb") as out:
+            with open(tmp, "xb") as f_out:
+                out = SyncBehind(f_out)  # keep() fsyncs it: most of it is on disk by then
                 pack = None if info.compressed else zstandard.ZstdCompressor(level=3).compressobj()
 
                 def sink(chunk: bytes) -> None:
                     digest.update(chunk)
                     out.write(chunk if pack is None else pack.compress(chunk))
 
-                end = None
-                if scan:
-                    end = file_span(path, schema, clock, tee=sink)[1]
-                else:
-                    with open(path, "rb") as f:
-                        while chunk := f.read(1 << 20):
-                            sink(chunk)
-                if pack is not None:
-                    out.write(pack.flush())
+                try:
+                    end = None
+                    if scan:
+                        end = file_span(path, schema, clock, tee=sink)[1]
+                    else:
+                        with open(path, "rb") as f:
+                            while chunk := f.read(1 << 20):
+                                sink(chunk)
+                    if pack is not None:
+                        out.write(pack.flush())
+                finally:
+                    out.wait()
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

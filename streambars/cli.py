@@ -464,6 +464,10 @@ def console_main() -> None:
     # while the modules they need still exist, not as "Exception ignored" at shutdown.
     ignore_stop_signals()
     gc.collect()
+    # What is left is live (modules, numba's types and dispatchers: ~120k objects): frozen,
+    # the teardown's own collections skip it instead of walking it again several times
+    # (measured ~0.3-0.6 s of a backfill process's exit here).
+    gc.freeze()
     sys.exit(code)
 
 
