@@ -93,17 +93,21 @@ class Twin:
 
     def both(self, method: str, *args):
         """The same call on both; returns (new result, old result), either a BarBatch or the
-        RuleViolationError it raised."""
+        RuleViolationError it raised. process() and the flushes call the compiled entry point
+        ``engine._direct`` for plain columns and ``engine._aggregate`` otherwise: both are
+        swapped for the frozen kernel (swapping only the latter ran the current kernel on both
+        sides; tests/test_engine_runs_diff.py checks the frozen one is really called)."""
         results = []
-        for agg, kernel in ((self.new, engine._aggregate), (self.old, frozen.aggregate)):
-            saved = engine._aggregate
-            engine._aggregate = kernel
+        saved = engine._aggregate, engine._direct
+        for agg, kernel in ((self.new, None), (self.old, frozen.aggregate)):
+            if kernel is not None:
+                engine._aggregate = engine._direct = kernel
             try:
                 results.append(getattr(agg, method)(*args))
             except RuleViolationError as err:
                 results.append(err)
             finally:
-                engine._aggregate = saved
+                engine._aggregate, engine._direct = saved
         return results
 
     def check(self, new, old, where: str) -> None:

@@ -2,11 +2,11 @@
 and state word for state word, with the frozen kernel really called.
 
 ``Aggregator.process`` and the flushes call the compiled entry point ``engine._direct``, not
-``engine._aggregate``: test_engine_kernel_diff's Twin swaps only the latter, so its two
-aggregators both run the current kernel for every batch of plain columns. This Twin swaps
-both. The set-ups aim at the run loops: 1s alone (_run_single), 1s + 5s (_run_exact with no
-cascade), 1s..1d (_run_exact and its cascade), 1s with two children of 1s (no run loop), a
-1s..1d ladder with 7s/13s roots; and the random set-ups of test_engine_kernel_diff.
+``engine._aggregate``, for plain columns: Twin swaps both (it once swapped only the latter,
+so its two aggregators ran the current kernel; test_the_frozen_kernel_is_called guards
+that). test_engine_kernel_diff runs random set-ups; the set-ups here aim at the run loops:
+1s alone (_run_single), 1s + 5s (_run_exact with no cascade), 1s..1d (_run_exact and its
+cascade), 1s with two children of 1s (no run loop), a 1s..1d ladder with 7s/13s roots.
 """
 
 from __future__ import annotations
@@ -42,20 +42,6 @@ class RealTwin(Twin):
             self.new, self.old = engine.Aggregator(tfs, **kw), engine.Aggregator(tfs, **kw)
             self.label = f"{tfs} {kw}"
 
-    def both(self, method: str, *args):
-        results = []
-        saved = engine._aggregate, engine._direct
-        for agg, kernel in ((self.new, None), (self.old, frozen.aggregate)):
-            if kernel is not None:
-                engine._aggregate = engine._direct = kernel
-            try:
-                results.append(getattr(agg, method)(*args))
-            except RuleViolationError as err:
-                results.append(err)
-            finally:
-                engine._aggregate, engine._direct = saved
-        return results
-
 
 def run_twin(twin: RealTwin, rng: np.random.Generator, kind: str, n: int, n_series: int, sizes) -> None:
     batch = stream(rng, kind, n, n_series)
@@ -81,15 +67,6 @@ def test_run_loops_equal_the_frozen_kernel(tfs, seed):
     rng = np.random.default_rng(1000 + seed)
     twin = RealTwin(rng, "ohlcv-1s", FIXED[tfs])
     run_twin(twin, rng, "ohlcv-1s", 3_000, [1, 1, 2, 3][seed % 4], [1, 7, 64, 500, 4_000])
-
-
-@pytest.mark.parametrize("seed", range(48))
-def test_random_set_ups_equal_the_frozen_kernel(seed):
-    """test_engine_kernel_diff's cases, with the frozen kernel really called."""
-    rng = np.random.default_rng(seed)
-    kind = ["ohlcv-1s", "trades"][seed % 2]
-    twin = RealTwin(rng, kind)
-    run_twin(twin, rng, kind, int(rng.integers(200, 3_000)), int(rng.choice([1, 1, 2, 3])), [1, 7, 64, 500, 4_000])
 
 
 def test_the_frozen_kernel_is_called(monkeypatch):
