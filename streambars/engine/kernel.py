@@ -155,20 +155,28 @@ def bucket(st, x, nanos, daily, hint):
 
 
 @numba.njit(cache=True, inline="always", _nrt=False)
-def _emit(st, b, s, k, out, nout):
-    """Write the bar at ``st[_U(b:)]`` (series s, level k) to ``out[nout]`` and deactivate it."""
+def _put(out, nout, s, k, t, o, h, lw, c, v, n):
+    """Write one closed bar (series s, level k) to ``out[nout]``; returns the next nout. The
+    run loops write their register-held finest bar with it, :func:`_emit` a bar of the arena."""
     row = out[_U(nout)]
     row.series = s
     row.timeframe = k
-    row.ts_event = st[_U(b + L_START)]
-    row.open = st[_U(b + L_OPEN)]
-    row.high = st[_U(b + L_HIGH)]
-    row.low = st[_U(b + L_LOW)]
-    row.close = st[_U(b + L_CLOSE)]
-    row.volume = np.uint64(st[_U(b + L_VOLUME)])
-    row.count = np.uint32(st[_U(b + L_COUNT)])
-    st[_U(b + L_ACTIVE)] = 0
+    row.ts_event = t
+    row.open = o
+    row.high = h
+    row.low = lw
+    row.close = c
+    row.volume = np.uint64(v)
+    row.count = np.uint32(n)
     return nout + 1
+
+
+@numba.njit(cache=True, inline="always", _nrt=False)
+def _emit(st, b, s, k, out, nout):
+    """Write the bar at ``st[_U(b:)]`` (series s, level k) to ``out[nout]`` and deactivate it."""
+    st[_U(b + L_ACTIVE)] = 0
+    return _put(out, nout, s, k, st[_U(b + L_START)], st[_U(b + L_OPEN)], st[_U(b + L_HIGH)],
+                st[_U(b + L_LOW)], st[_U(b + L_CLOSE)], st[_U(b + L_VOLUME)], st[_U(b + L_COUNT)])
 
 
 @numba.njit(cache=True, inline="always", _nrt=False)
@@ -452,17 +460,7 @@ def _run_single(series, ts, op, hi, lo, cl, vol, i, n, s, st, b, sb, out, nout,
         o, h, lw, c, v = op[uj], hi[uj], lo[uj], cl[uj], vol[uj]
         if not ((series[uj] == s) & _clean_exact(t, e0, o, h, lw, c, v, vmax, tz, inv, lim, low)):
             break
-        row = out[_U(nout)]
-        row.series = s
-        row.timeframe = 0
-        row.ts_event = t0
-        row.open = o0
-        row.high = h0
-        row.low = l0
-        row.close = k0
-        row.volume = v0
-        row.count = np.uint32(n0)
-        nout += 1
+        nout = _put(out, nout, s, 0, t0, o0, h0, l0, k0, v0, n0)
         t0, e0, o0, h0, l0, k0, v0, n0 = t, t + interval, o, h, lw, c, v, 1
         j += 1
     if j > i:
@@ -535,17 +533,7 @@ def _run_exact(series, ts, op, hi, lo, cl, vol, i, n, s, st, b, sb, c1, out, nou
         n1 += n0
         k1 = k0
         idle1 = False
-        row = out[_U(nout)]
-        row.series = s
-        row.timeframe = 0
-        row.ts_event = t0
-        row.open = o0
-        row.high = h0
-        row.low = l0
-        row.close = k0
-        row.volume = v0
-        row.count = np.uint32(n0)
-        nout += 1
+        nout = _put(out, nout, s, 0, t0, o0, h0, l0, k0, v0, n0)
         if t >= e1:  # level 1 closes: emit it and cascade from level 2 (state in st for that)
             st[_U(b1 + L_START)] = s1
             st[_U(b1 + L_END)] = e1
