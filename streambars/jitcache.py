@@ -4,11 +4,11 @@ and the import-time heap frozen.
 Before it reads a cached function, numba refreshes its target context: it imports and
 installs every typing and lowering registry and sets up its runtime (~0.6 s, a third of a
 warm start). The registries serve the compiler, which refreshes on its own; a cached
-function is object code, which needs only the symbols it links against. So while the
-kernel module is imported, :func:`kernel_loads_without_refresh` loads the named functions
-itself when every symbol their object code leaves undefined is one numba registers when its
-context is built (the Python C API, numba's C helpers) or numba's runtime (``NRT_*``: then
-the runtime alone is set up). Anything else takes numba's normal path: another function, a
+function is object code, which needs only the symbols it links against. So the functions
+named to :func:`load_without_refresh` (ours: the engine's kernel, the writers' grouping)
+are loaded here, when every symbol their object code leaves undefined is one numba
+registers when its context is built (the Python C API, numba's C helpers) or numba's
+runtime (``NRT_*``: then the runtime alone is set up). Anything else takes numba's normal path: another function, a
 cache miss (the compiler refreshes), another symbol (refreshed first), a load that fails
 (the context is refreshed and the function compiled afresh, replacing the entry: numba
 itself would raise on a damaged cache file), a numba version not checked here, or an object
@@ -20,8 +20,6 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 #: numba versions (major, minor) whose Cache.load_overload is refresh + _load_overload.
 CHECKED_NUMBA = ((0, 68),)
@@ -85,21 +83,30 @@ def _runtime_needed(payload) -> str | None:
     return need
 
 
-@contextmanager
-def kernel_loads_without_refresh(module: str, qualnames: frozenset[str]) -> Iterator[None]:
-    """Within the block, cache loads of ``module``'s functions ``qualnames`` skip the refresh."""
+#: (module, qualname) of the functions whose cache loads skip the refresh
+_named: set[tuple[str, str]] = set()
+
+
+def load_without_refresh(module: str, *qualnames: str) -> None:
+    """From now on, cache loads of these functions of ``module`` skip numba's refresh when
+    they can (see above). Call it before the functions are defined: an explicit signature
+    compiles (loads) at definition, any other at the first call."""
     cache_cls = _cache_class()
     if cache_cls is None:
         loads.append("normal")
-        yield
         return
+    if not _named:
+        _install(cache_cls)
+    _named.update((module, q) for q in qualnames)
+
+
+def _install(cache_cls) -> None:
     original = cache_cls.load_overload
 
     def load_overload(self, sig, target_context):
         func = getattr(self, "_py_func", None)
-        if getattr(func, "__module__", None) != module or getattr(func, "__qualname__", None) not in qualnames:
-            return original(self, sig, target_context)
-        if not getattr(self, "_enabled", False):
+        name = getattr(func, "__qualname__", None)
+        if (getattr(func, "__module__", None), name) not in _named or not getattr(self, "_enabled", False):
             return original(self, sig, target_context)
         try:
             with self._guard_against_spurious_io_errors():
@@ -118,7 +125,7 @@ def kernel_loads_without_refresh(module: str, qualnames: frozenset[str]) -> Iter
         except Exception as exc:  # noqa: BLE001 - a damaged entry: compile instead
             from .observe import get_logger
 
-            get_logger(__name__).warning("numba_cache_unreadable", function=func.__qualname__, error=repr(exc))
+            get_logger(__name__).warning("numba_cache_unreadable", function=name, error=repr(exc))
             loads.append("fallback")
             # numba's save reads the index first: drop it so that the fresh entry replaces it
             with contextlib.suppress(AttributeError, OSError):
@@ -129,10 +136,6 @@ def kernel_loads_without_refresh(module: str, qualnames: frozenset[str]) -> Iter
         return cres
 
     cache_cls.load_overload = load_overload
-    try:
-        yield
-    finally:
-        cache_cls.load_overload = original
 
 
 def freeze_import_heap() -> None:

@@ -12,15 +12,16 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..errors import RuleViolationError
-from ..jitcache import freeze_import_heap, kernel_loads_without_refresh
+from ..jitcache import freeze_import_heap, load_without_refresh
 from ..records import INPUT_INTERVAL_NS, INPUT_KINDS, TAGGED_BAR_DTYPE, BarBatch, RecordBatch
 from ..rules import ALWAYS_DROP_MASK, RECORD_RULE_NAMES, RULES, Policy, policy_array
 from ..timeframes import Session, Timeframe, parse_timeframe
 
 # The kernel loads from numba's cache without numba's ~0.6 s registry refresh (jitcache.py);
 # the heap numba and numpy built is then frozen, out of every later garbage collection's way.
-with kernel_loads_without_refresh(f"{__name__}.kernel", frozenset({"aggregate"})):
-    from . import kernel as K
+load_without_refresh(f"{__name__}.kernel", "aggregate")
+from . import kernel as K  # noqa: E402
+
 freeze_import_heap()
 
 __all__ = ["Aggregator", "STATE_LAYOUT_VERSION"]
