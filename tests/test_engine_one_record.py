@@ -54,3 +54,30 @@ def test_one_record_columns_strided_or_not_one_dimensional(column):
             assert all(np.array_equal(before[k], v) for k, v in agg.get_state().items())
     parts.append(agg.finish().bars)
     assert np.concatenate(parts).tobytes() == want.tobytes()
+
+
+@pytest.mark.parametrize("size", [1, 5, 100])
+@pytest.mark.parametrize("how", ["read-only", "broadcast"])
+def test_read_only_columns_when_a_new_series_grows_the_state(size, how):
+    """A record of a series not seen yet stops the first kernel call (the state grows) and
+    the rest goes through a second call: the same way as the first, not numba's dispatcher,
+    which refuses read-only columns (the live daemon's prices are broadcast views: a one-
+    record batch of a new symbol stopped the daemon with a TypeError)."""
+    batch = random_stream(9, n=600, n_series=3)
+    want = feed(make(), batch, [size])
+
+    def frozen(x: np.ndarray) -> np.ndarray:
+        if how == "broadcast" and x.size == 1:
+            return np.broadcast_to(x, x.shape)  # read-only, stride 0
+        x = x.copy()
+        x.setflags(write=False)
+        return x
+
+    agg = make()
+    parts = []
+    for i in range(0, len(batch), size):
+        one = batch.slice(i, i + size)
+        parts.append(agg.process(RecordBatch(one.kind, *(frozen(getattr(one, c)) for c in COLS))).bars)
+    parts.append(agg.finish().bars)
+    assert agg.n_series == 3
+    assert np.concatenate(parts).tobytes() == want.tobytes()

@@ -230,12 +230,14 @@ class Aggregator:
         ok = (s.dtype, t.dtype, o.dtype, h.dtype, lo.dtype, c.dtype, v.dtype) == _DTYPES and (
             s.ndim == t.ndim == o.ndim == h.ndim == lo.ndim == c.ndim == v.ndim == 1 if n <= 1 else
             (s.strides, t.strides, o.strides, h.strides, lo.strides, c.strides, v.strides) == _STRIDES)
+        call = _direct if ok else _aggregate
         try:  # the fast path, kept lean: live feeding calls this once per record
-            done, nout, status, info = (_direct if ok else _aggregate)(s, t, o, h, lo, c, v, 0, self._st, out)
+            done, nout, status, info = call(s, t, o, h, lo, c, v, 0, self._st, out)
         except TypeError:  # another dtype, or a non-contiguous or read-only view: convert once
             cols = (s, t, o, h, lo, c, v)
             cols = tuple(np.require(c, dt, "CW") for c, dt in zip(cols, _COLUMN_DTYPES, strict=True))
-            done, nout, status, info = _aggregate(*cols, 0, self._st, out)
+            call = _aggregate
+            done, nout, status, info = call(*cols, 0, self._st, out)
         else:
             if status == _OK and out is not self._out:
                 if nout:
@@ -260,7 +262,9 @@ class Aggregator:
                 raise ValueError(f"record {done} of the batch has a negative series index {info}")
             elif status == K.FAIL:
                 raise self._violation(cols, done, info, acc)
-            done, nout, status, info = _aggregate(*cols, done, self._st, self._out)
+            # the columns the first call took, the same way: the dispatcher refuses read-only
+            # columns that the entry point reads well (a live record's broadcast prices)
+            done, nout, status, info = call(*cols, done, self._st, self._out)
         return BarBatch(_bars(acc))
 
     def _violation(self, cols, index: int, bit: int, acc: bytearray) -> RuleViolationError:
