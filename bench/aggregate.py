@@ -16,9 +16,11 @@ Everything runs in this one process on the same seeded data (``streambars.synthe
   session's UTC time on the first day (an hour off across DST: its 1d bar count may differ).
   Skipped, saying so, when arcticdb is not installed (it is in the ``bench`` extra);
 * floor: a numba loop that reads every input field once and does nothing else;
-* one-record calls: microseconds per ``process()`` of a single record (live feeding);
-* warm start: a fresh interpreter importing streambars, building an aggregator and
-  processing one tiny batch, with the numba cache already warm.
+* one-record calls: microseconds per ``process()`` of a single record (live feeding), best
+  of 5 runs;
+* warm start: the wall time of a fresh interpreter importing streambars, building an
+  aggregator, processing one tiny batch and exiting, with the numba cache already warm;
+  best of 5.
 
 Rates are input records per second (wall clock, best of ``--repeat``). The machine may be
 shared: the ratios, measured back to back, are the numbers to read.
@@ -75,14 +77,19 @@ def run_engine(batch: RecordBatch, kind: str, batch_size: int, tfs=TIMEFRAMES) -
     return n
 
 
-def per_call_us(batch: RecordBatch, kind: str, calls: int) -> float:
-    agg = Aggregator(TIMEFRAMES, input_kind=kind, session=SESSION)
+def per_call_us(batch: RecordBatch, kind: str, calls: int, repeat: int = 5) -> list[float]:
+    """Microseconds per one-record process() call, each of ``repeat`` runs of ``calls`` calls
+    on a fresh aggregator (the machine is shared: read the best, and the spread)."""
     ones = [batch.slice(i, i + 1) for i in range(calls)]
-    agg.process(ones[0])
-    t = time.perf_counter()
-    for one in ones[1:]:
-        agg.process(one)
-    return (time.perf_counter() - t) / (calls - 1) * 1e6
+    runs = []
+    for _ in range(repeat):
+        agg = Aggregator(TIMEFRAMES, input_kind=kind, session=SESSION)
+        agg.process(ones[0])
+        t = time.perf_counter()
+        for one in ones[1:]:
+            agg.process(one)
+        runs.append((time.perf_counter() - t) / (calls - 1) * 1e6)
+    return runs
 
 
 WARM_START = """
@@ -100,7 +107,9 @@ print(time.perf_counter() - t0)
 """
 
 
-def warm_start_s(repeat: int) -> float:
+def warm_start_s(repeat: int) -> list[float]:
+    """Wall seconds of each of ``repeat`` fresh interpreters running WARM_START (after one
+    untimed run that warms numba's cache): start-up, imports, work and exit."""
     env = dict(os.environ)
     subprocess.run([sys.executable, "-c", WARM_START], check=True, env=env, capture_output=True)  # warm
     times = []
@@ -108,7 +117,7 @@ def warm_start_s(repeat: int) -> float:
         t = time.perf_counter()
         subprocess.run([sys.executable, "-c", WARM_START], check=True, env=env, capture_output=True)
         times.append(time.perf_counter() - t)
-    return min(times)
+    return times
 
 
 # -- the floor -------------------------------------------------------------------------------
@@ -280,10 +289,13 @@ def main(argv: list[str] | None = None) -> int:
               + (f", engine/pandas {rates['engine'] / rates['pandas']:.1f}x" if "pandas" in rates else "")
               + (f", engine/floor {rates['engine'] / rates['floor']:.3f}x" if "floor" in rates else ""), flush=True)
 
-    us = per_call_us(inputs["ohlcv-1s"], "ohlcv-1s", 50_000 if not args.quick else 20_000)
-    print(f"one-record process() call: {us:.2f} us")
-    ws = warm_start_s(3)
-    print(f"warm-cache start (new interpreter: import, build, one batch): {ws:.2f} s")
+    calls = per_call_us(inputs["ohlcv-1s"], "ohlcv-1s", 50_000 if not args.quick else 20_000)
+    us = min(calls)
+    print(f"one-record process() call: {us:.2f} us best of {len(calls)} runs ({min(calls):.2f}-{max(calls):.2f})")
+    starts = warm_start_s(5)
+    ws = min(starts)
+    print(f"warm-cache start (new interpreter: import, build, one batch, exit): {ws:.2f} s best of "
+          f"{len(starts)} ({min(starts):.2f}-{max(starts):.2f})")
     r16, r4 = results["ohlcv-1s", "16tf"], results["ohlcv-1s", "4tf"]
     print("issue 13 rows (this run):")
     def vs_arctic(r: dict, fmt: str = ".1f") -> str:

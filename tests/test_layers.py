@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "streambars"
 #: Lowest first; a module's layer is its top-level name under streambars/.
 LAYERS: list[set[str]] = [
     # foundation: shared helpers and data types
-    {"version", "errors", "timeutil", "fsio", "zstdframes", "naming", "startup", "observe",
+    {"version", "errors", "timeutil", "fsio", "zstdframes", "naming", "startup", "observe", "jitcache",
      "tables", "records", "timeframes", "rules"},
     # the parts: configuration, the engine, the store, the raw archive, sources
     {"config", "engine", "store", "archive", "ledger", "sources"},

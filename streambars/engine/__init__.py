@@ -12,10 +12,17 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..errors import RuleViolationError
+from ..jitcache import freeze_import_heap, load_without_refresh
 from ..records import INPUT_INTERVAL_NS, INPUT_KINDS, TAGGED_BAR_DTYPE, BarBatch, RecordBatch
 from ..rules import ALWAYS_DROP_MASK, RECORD_RULE_NAMES, RULES, Policy, policy_array
 from ..timeframes import Session, Timeframe, parse_timeframe
-from . import kernel as K
+
+# The kernel loads from numba's cache without numba's ~0.6 s registry refresh (jitcache.py);
+# the heap numba and numpy built is then frozen, out of every later garbage collection's way.
+load_without_refresh(f"{__name__}.kernel", "aggregate")
+from . import kernel as K  # noqa: E402
+
+freeze_import_heap()
 
 __all__ = ["Aggregator", "STATE_LAYOUT_VERSION"]
 
@@ -27,6 +34,8 @@ _RULES_IN_LAYOUT = {1: 7}
 
 _NO_BARS = np.empty(0, TAGGED_BAR_DTYPE)
 _NO_BARS.setflags(write=False)
+#: Rows of a small batches' pool (240 kB): a result is a view that keeps its pool alive.
+_POOL_ROWS = 4096
 
 
 _aggregate, _OK, _ROW = K.aggregate, K.OK, TAGGED_BAR_DTYPE.itemsize
@@ -140,6 +149,7 @@ class Aggregator:
         self._min_out = n  # the kernel needs room for every level's bar before each record
         self._out = np.empty(max(int(out_capacity), 2 * n), TAGGED_BAR_DTYPE)
         self._out_bytes = memoryview(self._out.view(np.uint8))
+        self._pool, self._pos = _NO_BARS, 0  # small batches' bars: see process()
         self._floor = -1
         self._arena(0)
 
@@ -205,27 +215,43 @@ class Aggregator:
             raise ValueError(f"a {batch.kind} batch given to an aggregator of {self.input_kind} records")
         b = batch
         s, t, o, h, lo, c, v = b.series, b.ts_event, b.open, b.high, b.low, b.close, b.volume
-        # The bars go straight into a fresh array sized for the usual case (about 1.6 bars a
-        # record with 16 timeframes): the result is then a view of it, with no copy out of
-        # the reused buffer. A batch that closes more bars (or a huge one) falls back to the
-        # reused buffer, accumulated as bytes. A small batch (live feeding: one record) copies
-        # out of the reused buffer too: allocating the array would cost it ~1 us more.
+        # The bars go straight into rows that become the result, with no copy: a small batch
+        # (live feeding: one record) takes the next rows of a pool shared by the calls, which
+        # it never hands out twice; a larger one a fresh array sized for the usual case
+        # (about 1.6 bars a record with 16 timeframes). A batch that closes more bars (or a
+        # huge one) falls back to the reused buffer, accumulated as bytes.
         n = t.shape[0]
-        cap = 2 * n + self._min_out
-        out = self._out if n < 64 or cap > self._out.shape[0] else np.empty(cap, TAGGED_BAR_DTYPE)
-        ok = ((s.dtype, t.dtype, o.dtype, h.dtype, lo.dtype, c.dtype, v.dtype) == _DTYPES
-              and (s.strides, t.strides, o.strides, h.strides, lo.strides, c.strides, v.strides) == _STRIDES)
+        pos = -1
+        if n < 64:
+            pos = self._pos
+            end = pos + 2 * n + self._min_out
+            if end > self._pool.shape[0]:
+                self._pool = np.empty(_POOL_ROWS, TAGGED_BAR_DTYPE)
+                pos, end = 0, 2 * n + self._min_out
+            out = self._pool[pos:end]
+        else:
+            cap = 2 * n + self._min_out
+            out = self._out if cap > self._out.shape[0] else np.empty(cap, TAGGED_BAR_DTYPE)
+        # One record reads element 0 of each column whatever its stride, but the entry point
+        # writes ndim shapes and strides into a one-dimensional array's struct.
+        ok = (s.dtype, t.dtype, o.dtype, h.dtype, lo.dtype, c.dtype, v.dtype) == _DTYPES and (
+            s.ndim == t.ndim == o.ndim == h.ndim == lo.ndim == c.ndim == v.ndim == 1 if n <= 1 else
+            (s.strides, t.strides, o.strides, h.strides, lo.strides, c.strides, v.strides) == _STRIDES)
+        call = _direct if ok else _aggregate
         try:  # the fast path, kept lean: live feeding calls this once per record
-            done, nout, status, info = (_direct if ok else _aggregate)(s, t, o, h, lo, c, v, 0, self._st, out)
+            done, nout, status, info = call(s, t, o, h, lo, c, v, 0, self._st, out)
         except TypeError:  # another dtype, or a non-contiguous or read-only view: convert once
             cols = (s, t, o, h, lo, c, v)
             cols = tuple(np.require(c, dt, "CW") for c, dt in zip(cols, _COLUMN_DTYPES, strict=True))
-            done, nout, status, info = _aggregate(*cols, 0, self._st, out)
+            call = _aggregate
+            done, nout, status, info = call(*cols, 0, self._st, out)
         else:
-            if status == _OK:
-                if out is not self._out:
-                    return BarBatch(out[:nout] if nout else _NO_BARS)
-                return BarBatch(self._take(nout) if nout else _NO_BARS)
+            if status == _OK and out is not self._out:
+                if nout:
+                    if pos >= 0:
+                        self._pos = pos + nout
+                    return BarBatch(out[:nout])
+                return BarBatch(_NO_BARS)
             cols = (s, t, o, h, lo, c, v)
         acc = bytearray()
         if out is not self._out:  # the first chunk went into the fresh array
@@ -243,13 +269,10 @@ class Aggregator:
                 raise ValueError(f"record {done} of the batch has a negative series index {info}")
             elif status == K.FAIL:
                 raise self._violation(cols, done, info, acc)
-            done, nout, status, info = _aggregate(*cols, done, self._st, self._out)
+            # the columns the first call took, the same way: the dispatcher refuses read-only
+            # columns that the entry point reads well (a live record's broadcast prices)
+            done, nout, status, info = call(*cols, done, self._st, self._out)
         return BarBatch(_bars(acc))
-
-    def _take(self, nout: int) -> np.ndarray:
-        """A fresh copy of the first ``nout`` output rows (a byte copy: copying a packed
-        structured array field by field is an order of magnitude slower)."""
-        return np.frombuffer(bytearray(self._out_bytes[: nout * _ROW]), TAGGED_BAR_DTYPE)
 
     def _violation(self, cols, index: int, bit: int, acc: bytearray) -> RuleViolationError:
         series, ts = int(cols[0][index]), int(cols[1][index])

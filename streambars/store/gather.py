@@ -11,6 +11,11 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from ..jitcache import load_without_refresh
+
+# loaded from numba's cache at the first call without numba's ~0.6 s refresh (jitcache.py)
+load_without_refresh(__name__, "_scatter", "_count_tags", "_scatter_tagged")
+
 #: int32 words of one stored bar (BAR_DTYPE: 52 bytes)
 BAR_WORDS = 13
 
