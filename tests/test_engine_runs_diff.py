@@ -15,11 +15,10 @@ import numpy as np
 import pytest
 
 import streambars.engine as engine
-from streambars.errors import RuleViolationError
 from streambars.timeframes import STANDARD_TIMEFRAMES
 
 from . import engine_kernel_v2 as frozen
-from .test_engine_kernel_diff import S, Twin, stream
+from .test_engine_kernel_diff import Twin, drive, stream
 
 FIXED = [
     ["1s"],
@@ -43,30 +42,12 @@ class RealTwin(Twin):
             self.label = f"{tfs} {kw}"
 
 
-def run_twin(twin: RealTwin, rng: np.random.Generator, kind: str, n: int, n_series: int, sizes) -> None:
-    batch = stream(rng, kind, n, n_series)
-    i = 0
-    while i < len(batch):
-        size = int(rng.choice(sizes))
-        new, old = twin.both("process", batch.slice(i, i + size))
-        twin.check(new, old, f"process [{i}, {i + size})")
-        if isinstance(new, RuleViolationError):
-            i += new.index + 1
-            continue
-        i += size
-        if rng.random() < 0.1 and i < len(batch):
-            until = int(batch.ts_event[i]) - int(rng.integers(0, 3_600)) * S
-            twin.check(*twin.both("flush", until), f"flush({until})")
-    twin.check(*twin.both("finish"), "finish")
-    assert np.array_equal(twin.new.counts, twin.old.counts)
-
-
 @pytest.mark.parametrize("tfs", range(len(FIXED)))
 @pytest.mark.parametrize("seed", range(6))
 def test_run_loops_equal_the_frozen_kernel(tfs, seed):
     rng = np.random.default_rng(1000 + seed)
     twin = RealTwin(rng, "ohlcv-1s", FIXED[tfs])
-    run_twin(twin, rng, "ohlcv-1s", 3_000, [1, 1, 2, 3][seed % 4], [1, 7, 64, 500, 4_000])
+    drive(twin, rng, stream(rng, "ohlcv-1s", 3_000, [1, 1, 2, 3][seed % 4]), [1, 7, 64, 500, 4_000])
 
 
 def test_the_frozen_kernel_is_called(monkeypatch):

@@ -172,6 +172,20 @@ def _put(out, nout, s, k, t, o, h, lw, c, v, n):
 
 
 @numba.njit(cache=True, inline="always", _nrt=False)
+def _set_bar(st, b, start, end, o, h, lw, c, v, n):
+    """Store a running bar at ``st[_U(b:)]`` (its active flag is the caller's): where a run
+    loop writes back the bars it held in registers, and where a record opens a root's bar."""
+    st[_U(b + L_START)] = start
+    st[_U(b + L_END)] = end
+    st[_U(b + L_OPEN)] = o
+    st[_U(b + L_HIGH)] = h
+    st[_U(b + L_LOW)] = lw
+    st[_U(b + L_CLOSE)] = c
+    st[_U(b + L_VOLUME)] = np.int64(v)
+    st[_U(b + L_COUNT)] = n
+
+
+@numba.njit(cache=True, inline="always", _nrt=False)
 def _emit(st, b, s, k, out, nout):
     """Write the bar at ``st[_U(b:)]`` (series s, level k) to ``out[nout]`` and deactivate it."""
     st[_U(b + L_ACTIVE)] = 0
@@ -464,14 +478,7 @@ def _run_single(series, ts, op, hi, lo, cl, vol, i, n, s, st, b, sb, out, nout,
         t0, e0, o0, h0, l0, k0, v0, n0 = t, t + interval, o, h, lw, c, v, 1
         j += 1
     if j > i:
-        st[_U(b + L_START)] = t0
-        st[_U(b + L_END)] = e0
-        st[_U(b + L_OPEN)] = o0
-        st[_U(b + L_HIGH)] = h0
-        st[_U(b + L_LOW)] = l0
-        st[_U(b + L_CLOSE)] = k0
-        st[_U(b + L_VOLUME)] = np.int64(v0)
-        st[_U(b + L_COUNT)] = n0
+        _set_bar(st, b, t0, e0, o0, h0, l0, k0, v0, n0)
         st[_U(sb + S_LAST)] = t0
     return j, nout
 
@@ -535,14 +542,7 @@ def _run_exact(series, ts, op, hi, lo, cl, vol, i, n, s, st, b, sb, c1, out, nou
         idle1 = False
         nout = _put(out, nout, s, 0, t0, o0, h0, l0, k0, v0, n0)
         if t >= e1:  # level 1 closes: emit it and cascade from level 2 (state in st for that)
-            st[_U(b1 + L_START)] = s1
-            st[_U(b1 + L_END)] = e1
-            st[_U(b1 + L_OPEN)] = o1
-            st[_U(b1 + L_HIGH)] = h1
-            st[_U(b1 + L_LOW)] = l1
-            st[_U(b1 + L_CLOSE)] = k1
-            st[_U(b1 + L_VOLUME)] = np.int64(v1)
-            st[_U(b1 + L_COUNT)] = n1
+            _set_bar(st, b1, s1, e1, o1, h1, l1, k1, v1, n1)
             nout = _emit(st, b1, s, 1, out, nout)
             nout = _cascade(st, s, t, out, nout, kids1, cfg, b)
             if st[_U(H_FOLD_OVERFLOW)] != 0 and _fold_overflowed(st, sb, t, fail_mask):
@@ -555,24 +555,10 @@ def _run_exact(series, ts, op, hi, lo, cl, vol, i, n, s, st, b, sb, c1, out, nou
         last = t
         j += 1
     st[_U(b + L_ACTIVE)] = a0
-    st[_U(b + L_START)] = t0
-    st[_U(b + L_END)] = e0
-    st[_U(b + L_OPEN)] = o0
-    st[_U(b + L_HIGH)] = h0
-    st[_U(b + L_LOW)] = l0
-    st[_U(b + L_CLOSE)] = k0
-    st[_U(b + L_VOLUME)] = np.int64(v0)
-    st[_U(b + L_COUNT)] = n0
+    _set_bar(st, b, t0, e0, o0, h0, l0, k0, v0, n0)
     if not (failed or idle1):  # else st holds level 1 as the general path leaves it
         st[_U(b1 + L_ACTIVE)] = 1
-        st[_U(b1 + L_START)] = s1
-        st[_U(b1 + L_END)] = e1
-        st[_U(b1 + L_OPEN)] = o1
-        st[_U(b1 + L_HIGH)] = h1
-        st[_U(b1 + L_LOW)] = l1
-        st[_U(b1 + L_CLOSE)] = k1
-        st[_U(b1 + L_VOLUME)] = np.int64(v1)
-        st[_U(b1 + L_COUNT)] = n1
+        _set_bar(st, b1, s1, e1, o1, h1, l1, k1, v1, n1)
     st[_U(sb + S_LAST)] = last
     return j, nout, failed
 
@@ -717,14 +703,7 @@ def aggregate(series, ts, op, hi, lo, cl, vol, start, st, out):
                 if st[_U(H_FOLD_OVERFLOW)] != 0 and _fold_overflowed(st, sb, t, fail_mask):
                     return i, nout, FAIL, VOLUME_OVERFLOW
             st[_U(base + L_ACTIVE)] = 1
-            st[_U(base + L_START)] = t
-            st[_U(base + L_END)] = t + interval
-            st[_U(base + L_OPEN)] = o
-            st[_U(base + L_HIGH)] = h
-            st[_U(base + L_LOW)] = lw
-            st[_U(base + L_CLOSE)] = c
-            st[_U(base + L_VOLUME)] = np.int64(v)
-            st[_U(base + L_COUNT)] = 1
+            _set_bar(st, base, t, t + interval, o, h, lw, c, v, 1)
             st[_U(sb + S_LAST)] = t
             if run == RUN_EXACT and i + 1 < n and series[_U(i + 1)] == s:
                 i, nout, failed = _run_exact(series, ts, op, hi, lo, cl, vol, i + 1, n, s, st, base, sb,
@@ -775,14 +754,7 @@ def aggregate(series, ts, op, hi, lo, cl, vol, start, st, out):
                 else:
                     b0, b1 = bucket(st, t, st[_U(cr + C_NANOS)], st[_U(cr + C_DAILY)], st[_U(b + L_END)])
                 st[_U(b + L_ACTIVE)] = 1
-                st[_U(b + L_START)] = b0
-                st[_U(b + L_END)] = b1
-                st[_U(b + L_OPEN)] = o
-                st[_U(b + L_HIGH)] = h
-                st[_U(b + L_LOW)] = lw
-                st[_U(b + L_CLOSE)] = c
-                st[_U(b + L_VOLUME)] = np.int64(v)
-                st[_U(b + L_COUNT)] = 1
+                _set_bar(st, b, b0, b1, o, h, lw, c, v, 1)
             else:
                 old = np.uint64(st[_U(b + L_VOLUME)])
                 summed = old + v
