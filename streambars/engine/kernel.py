@@ -563,6 +563,28 @@ def _run_exact(series, ts, op, hi, lo, cl, vol, i, n, s, st, b, sb, c1, out, nou
     return j, nout, failed
 
 
+@numba.njit(cache=True, inline="always", _nrt=False)
+def _follow(run, series, ts, op, hi, lo, cl, vol, i, n, s, st, base, sb, cfg, out, nout, n_levels,
+            max_volume, interval, tz, inv, lim, low, fail_mask):
+    """After record ``i`` of series ``s`` (its root bar running), the records of ``s`` that
+    follow take the set-up's run loop; the one place both of aggregate()'s paths enter one.
+    Returns ``(last record taken, nout, failed)``: the caller's loop steps past it."""
+    if run == RUN_NONE or i + 1 >= n or series[_U(i + 1)] != s or st[_U(base + L_ACTIVE)] == 0:
+        return i, nout, False
+    if run == RUN_ROOT:
+        j, nout, failed = _run_root(series, ts, op, hi, lo, cl, vol, i + 1, n, s, st, base, sb, cfg,
+                                    out, nout, n_levels, max_volume, interval, tz, inv, lim, low, fail_mask)
+    elif run == RUN_EXACT:
+        j, nout, failed = _run_exact(series, ts, op, hi, lo, cl, vol, i + 1, n, s, st, base, sb,
+                                     cfg + N_CFG_FIELDS, out, nout, n_levels, max_volume,
+                                     interval, tz, inv, lim, low, fail_mask)
+    else:
+        j, nout = _run_single(series, ts, op, hi, lo, cl, vol, i + 1, n, s, st, base, sb, out, nout,
+                              max_volume, interval, tz, inv, lim, low)
+        failed = False
+    return (j if failed else j - 1), nout, failed
+
+
 # Explicit signatures: compiled (or loaded from the cache) once at import, and a batch of any
 # other dtype or layout is refused with TypeError (the wrapper converts it) instead of silently
 # compiling a new specialisation. No NRT: the kernels allocate nothing, and without reference
@@ -705,17 +727,10 @@ def aggregate(series, ts, op, hi, lo, cl, vol, start, st, out):
             st[_U(base + L_ACTIVE)] = 1
             _set_bar(st, base, t, t + interval, o, h, lw, c, v, 1)
             st[_U(sb + S_LAST)] = t
-            if run == RUN_EXACT and i + 1 < n and series[_U(i + 1)] == s:
-                i, nout, failed = _run_exact(series, ts, op, hi, lo, cl, vol, i + 1, n, s, st, base, sb,
-                                             cfg + N_CFG_FIELDS, out, nout, n_levels, max_volume,
-                                             interval, tz, inv, lim, low, fail_mask)
-                if failed:
-                    return i, nout, FAIL, VOLUME_OVERFLOW
-                i -= 1
-            elif run == RUN_SINGLE and i + 1 < n and series[_U(i + 1)] == s:
-                i, nout = _run_single(series, ts, op, hi, lo, cl, vol, i + 1, n, s, st, base, sb, out, nout,
-                                      max_volume, interval, tz, inv, lim, low)
-                i -= 1
+            i, nout, failed = _follow(run, series, ts, op, hi, lo, cl, vol, i, n, s, st, base, sb, cfg, out,
+                                      nout, n_levels, max_volume, interval, tz, inv, lim, low, fail_mask)
+            if failed:
+                return i, nout, FAIL, VOLUME_OVERFLOW
             continue
         # volume_overflow by the record itself: it can only overflow a running root bar it
         # lands in (t before its end), and must be known before anything changes so that drop
@@ -773,22 +788,8 @@ def aggregate(series, ts, op, hi, lo, cl, vol, start, st, out):
                 st[_U(b + L_CLOSE)] = c
                 st[_U(b + L_COUNT)] += 1
         st[_U(sb + S_LAST)] = last
-        if run == RUN_ROOT and i + 1 < n and series[_U(i + 1)] == s and st[_U(base + L_ACTIVE)] != 0:
-            i, nout, failed = _run_root(series, ts, op, hi, lo, cl, vol, i + 1, n, s, st, base, sb, cfg,
-                                        out, nout, n_levels, max_volume, interval, tz, inv, lim, low,
-                                        fail_mask)
-            if failed:
-                return i, nout, FAIL, VOLUME_OVERFLOW
-            i -= 1
-        elif run == RUN_EXACT and i + 1 < n and series[_U(i + 1)] == s and st[_U(base + L_ACTIVE)] != 0:
-            i, nout, failed = _run_exact(series, ts, op, hi, lo, cl, vol, i + 1, n, s, st, base, sb,
-                                         cfg + N_CFG_FIELDS, out, nout, n_levels, max_volume,
-                                         interval, tz, inv, lim, low, fail_mask)
-            if failed:
-                return i, nout, FAIL, VOLUME_OVERFLOW
-            i -= 1
-        elif run == RUN_SINGLE and i + 1 < n and series[_U(i + 1)] == s and st[_U(base + L_ACTIVE)] != 0:
-            i, nout = _run_single(series, ts, op, hi, lo, cl, vol, i + 1, n, s, st, base, sb, out, nout,
-                                  max_volume, interval, tz, inv, lim, low)
-            i -= 1
+        i, nout, failed = _follow(run, series, ts, op, hi, lo, cl, vol, i, n, s, st, base, sb, cfg, out,
+                                  nout, n_levels, max_volume, interval, tz, inv, lim, low, fail_mask)
+        if failed:
+            return i, nout, FAIL, VOLUME_OVERFLOW
     return n, nout, OK, 0
