@@ -363,7 +363,10 @@ def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     from .export import STDOUT, export_bars
     from .observe import Progress, ProgressDisplay
     from .records import BAR_DTYPE
+    from .timeutil import check_tz
 
+    if args.tz is not None:  # named as the user gave it (export_bars' own message says tz=)
+        check_tz(args.tz, "--tz")
     progress = Progress(noun="rows", units_noun="files", count_bars=False)
     # CSV on a terminal's stdout: a bar there would be drawn among the rows
     with ProgressDisplay(progress, "export", show=not (args.out == STDOUT and sys.stdout.isatty())) as display:

@@ -293,10 +293,13 @@ def test_corrupt_dbn_file(tmp_path):
     check("corrupt DBN file", o, FAILED, "bad.dbn.zst")
 
 
-def test_export_bad_timeframe(sample_store, tmp_path):
+def test_export_bad_timeframe_and_tz(sample_store, tmp_path):
     o = run_cli("export", "--store", str(sample_store), "--symbol", "ESM4", "--timeframe", "abc",
                 "--out", str(tmp_path / "x.csv"), cwd=tmp_path)
     check("export --timeframe abc", o, USAGE, "abc")
+    o = run_cli("export", "--store", str(sample_store), "--symbol", "ESM4", "--timeframe", "1h",
+                "--tz", "Mars/Olympus", "--out", str(tmp_path / "x.csv"), cwd=tmp_path)
+    check("export --tz Mars/Olympus", o, USAGE, "--tz 'Mars/Olympus' is not a time zone")
 
 
 @pytest.mark.parametrize("ts", [-1, 2**63 - 1, -(2**63)])
