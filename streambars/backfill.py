@@ -79,6 +79,9 @@ from .store.layout import file_path, filename_to_symbol, store_files
 from .timeutil import NS, inclusive_days, iso, parse_day
 
 log = get_logger("streambars.backfill")
+#: Progress fields that already say they are the run's (rate, time, files done, ETA); a
+#: "file done" event prefixes the others (bars, mb) with total_ beside the file's own records.
+_RUN_WIDE = frozenset({"records_per_s", "elapsed_s", "done", "percent", "eta_s"})
 
 #: Batches (of ~64k records, or of the bars they close) queued between stages: enough to keep
 #: both cores busy, small enough that a year-long backfill stays near 0.5 GB resident.
@@ -639,7 +642,9 @@ class Runner:
             self.units_done += 1
             records_done[0] += records
             what = "month" if item.by_symbol else "file"
-            log.info(f"{what} done", **{what: item.label, **progress.fields(), "records": records,
+            # The file's own records; every other figure is the run's so far, and named so.
+            run = {k if k in _RUN_WIDE else f"total_{k}": v for k, v in progress.fields().items() if k != "records"}
+            log.info(f"{what} done", **{what: item.label, "records": records, **run,
                                         "total_records": records_done[0]})
             if hooks.on_progress is not None:
                 hooks.on_progress(item.label, result, self.units_done)

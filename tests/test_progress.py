@@ -259,6 +259,9 @@ def test_backfill_counts_json(ingest, expected):
     assert [e["done"] for e in done] == ["1/2", "2/2"]
     # the running total at each step is the sum of the files done so far
     assert [e["total_records"] for e in done] == [expected[done[0]["file"]], sum(expected.values())]
+    # beside a file's own records, the run's figures say they are the run's
+    assert all("bars" not in e and "mb" not in e for e in done), done
+    assert 0 < done[0]["total_bars"] <= done[1]["total_bars"] and done[0]["total_mb"] <= done[1]["total_mb"]
     final = [e for e in events if e["event"] == "progress"]
     assert final and final[-1]["final"] is True and final[-1]["what"] == "backfill"
     assert final[-1]["records"] == sum(expected.values()) and final[-1]["percent"] == 100.0
