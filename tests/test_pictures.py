@@ -364,3 +364,31 @@ def test_html_page_renders_in_headless_chromium(html_report, tmp_path):
     pixels = _pixels(shot.read_bytes())
     # the browser decoded the embedded charts: candle colours are on screen
     assert _share_like(pixels, UP, tol=0.08) > 0.001 and _share_like(pixels, DOWN, tol=0.08) > 0.001
+
+
+def test_html_chart_window_is_the_bars_around_the_finding_however_sparse(tmp_path):
+    """The bars a chart shows around a finding: the AROUND stored bars before it (sparse ones
+    too, no further back than LOOKBACK intervals) and AROUND + 1 from it on, as numpy picks
+    them from the bars written."""
+    from streambars.store import StoreReader
+    from streambars.validate.html import AROUND, LOOKBACK, _window
+
+    rng = np.random.default_rng(11)
+    # 1min bars: dense hours, then days of a few bars each, a season's hole, dense again
+    dense = np.arange(ns("2024-01-02T00:00:00"), ns("2024-01-02T06:00:00"), 60 * NS)
+    sparse = np.sort(rng.choice(np.arange(ns("2024-01-03"), ns("2024-01-20"), 60 * NS), 25, replace=False))
+    late = np.arange(ns("2024-06-03T00:00:00"), ns("2024-06-03T03:00:00"), 60 * NS)
+    ts = np.concatenate([dense, sparse, late])
+    bars = {"1min": bars_1s(ts, seed=5)}
+    write_store(tmp_path, bars)
+    s = SeriesResult("GLBX.MDP3", "ES.c.0", "1min", rows=ts.size, first_ts=int(ts[0]), last_ts=int(ts[-1]))
+    with StoreReader(tmp_path) as reader:
+        for first in (int(sparse[-3]), int(sparse[2]), int(late[0]), int(late[5]), int(dense[10])):
+            got = _window(reader, s, first)
+            lo = first - LOOKBACK * 60 * NS
+            before = ts[(ts >= lo) & (ts < first)][-AROUND:]
+            after = ts[ts >= first][: AROUND + 1]
+            np.testing.assert_array_equal(got["ts_event"], np.concatenate([before, after]))
+            np.testing.assert_array_equal(got, bars["1min"][np.isin(ts, got["ts_event"])])
+    # the season's hole is beyond the lookback: the first bar after it shows no bars before
+    assert int(late[0]) - int(sparse[-1]) > LOOKBACK * 60 * NS

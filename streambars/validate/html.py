@@ -28,6 +28,9 @@ from .report import Report, SeriesResult
 
 #: Bars shown each side of the first offender.
 AROUND = 40
+#: How far back (in intervals) a chart looks for the bars before a finding: a 1min gap of
+#: almost four months still shows both sides, yet one chart never spans years of sparse bars.
+LOOKBACK = AROUND * 4**6
 #: Charts per page at most (each ~40 KB); the rest are listed without one.
 MAX_CHARTS = 40
 
@@ -80,18 +83,13 @@ def findings(report: Report) -> list[tuple[SeriesResult, str]]:
 
 
 def _window(reader, s: SeriesResult, first: int) -> np.ndarray:
-    """The stored bars around ``first``: the AROUND bars before it (looking back further
-    where bars are sparse, at most 4**6 intervals) and the AROUND bars from it on, so a gap
-    shows both of its sides."""
+    """The stored bars around ``first``: the AROUND bars before it (however sparse, but no
+    further back than LOOKBACK intervals) and the AROUND bars from it on, so a gap shows both
+    of its sides. Two reads, each a binary search and AROUND + 1 rows at most."""
     tf = parse_timeframe(s.timeframe)
     after = reader.read(s.symbol, tf.name, first, None, dataset=s.dataset, limit=AROUND + 1)
-    back = AROUND * tf.nanos
-    for _ in range(7):
-        before = reader.read(s.symbol, tf.name, first - back, first, dataset=s.dataset)
-        if before.shape[0] >= AROUND or s.first_ts is None or first - back <= s.first_ts:
-            break
-        back *= 4
-    return np.concatenate([before[-AROUND:], after])
+    before = reader.read(s.symbol, tf.name, first - LOOKBACK * tf.nanos, first, dataset=s.dataset, limit=-AROUND)
+    return np.concatenate([before, after])
 
 
 def chart_for(reader, s: SeriesResult, rule: str) -> tuple[bytes | None, str]:
