@@ -6,7 +6,7 @@ headers, chunk-index blocks) in place on every flush. A block straddling a page 
 then be left half old, half new: its checksum fails and every reader reports "incorrect
 metadata checksum after all read attempts" for that timeframe -- the rare failure of
 test_store_processes' kill -9 test. The writer's FILE_SPACE keeps every block of up to a page
-inside one page (see layout.py).
+inside one page (FILE_SPACE in layout.py).
 
 A real kill lands inside such a write about once in a few hundred kills, so the kill is
 simulated exactly instead, two ways:
@@ -26,7 +26,6 @@ import io
 import json
 import re
 import shutil
-import types
 from pathlib import Path
 
 import h5py
@@ -45,7 +44,43 @@ from .store_worker import DATASET, SYMBOL, batch, expected, open_writer
 
 #: Batches (1s rows) that grow each timeframe's chunk index through several blocks.
 BATCHES = [1, 7, 700, 1, 500, 2000, 3, 900] * 6
-UNALIGNED: dict[str, int] = {}  # HDF5's default placement (what the writer did before)
+
+
+class WriterFiles:
+    """Stands in for the h5py module the writer uses: its h5py.File opens can go to a
+    Recorder (``recorders``: the writer's read-write opens of a store file; creating a file
+    and every check before the open stay on disk) and its file creation can drop FILE_SPACE
+    (``create_unaligned``: HDF5's default placement, as writers before this fix made files)."""
+
+    def __init__(self) -> None:
+        self.recorders: list[Recorder] | None = None
+        self.create_unaligned = False
+        for name in dir(h5py):
+            if not name.startswith("__") and name != "File":
+                setattr(self, name, getattr(h5py, name))
+
+    def File(self, name, mode="r", **kw):  # noqa: ANN001, ANN003, ANN201, N802
+        if mode == "w" and self.create_unaligned:
+            kw = {k: v for k, v in kw.items() if k not in writer_module.FILE_SPACE}
+        if mode == "r+" and self.recorders is not None and str(name).endswith(".h5"):
+            self.recorders.append(Recorder(Path(name).read_bytes()))
+            return h5py.File(self.recorders[-1], mode, **kw)
+        return h5py.File(name, mode, **kw)
+
+
+@pytest.fixture
+def files(monkeypatch) -> WriterFiles:
+    shim = WriterFiles()
+    monkeypatch.setattr(writer_module, "h5py", shim)
+    return shim
+
+
+@pytest.fixture(params=["new", "made-before"])
+def placement(request, files):
+    """'new': a file today's writer creates. 'made-before': a file created with HDF5's default
+    placement (by a writer before this fix), then appended to by today's writer."""
+    files.create_unaligned = request.param == "made-before"
+    return request.param
 
 
 @pytest.fixture
@@ -53,11 +88,17 @@ def small_chunks(monkeypatch):
     """Writers with 128-row chunks: the chunk index grows through its blocks quickly."""
     init = writer_module.BarFileWriter.__init__
 
-    def wrapped(self, *args, **kw):  # noqa: ANN001, ANN202
+    def wrapped(self, *args, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
         kw["chunk_rows"] = 128
         init(self, *args, **kw)
 
     monkeypatch.setattr(writer_module.BarFileWriter, "__init__", wrapped)
+
+
+@pytest.fixture
+def default_placement(monkeypatch):
+    """HDF5's default placement everywhere: what the writer did before this fix."""
+    monkeypatch.setattr(writer_module, "FILE_SPACE", {})
 
 
 def append_all(w, start: int, batches: list[int], done=None) -> int:  # noqa: ANN001
@@ -155,16 +196,19 @@ def straddling(blocks: dict[int, int]) -> list[tuple[int, int]]:
     return [(a, n) for a, n in sorted(blocks.items()) if n <= PAGE and a // PAGE != (a + n - 1) // PAGE]
 
 
-def test_every_metadata_block_a_writer_writes_lies_inside_one_page(tmp_path, monkeypatch, small_chunks):
+def test_every_metadata_block_a_writer_writes_lies_inside_one_page(tmp_path, monkeypatch, small_chunks,
+                                                                   placement):
     logged = logged_session(tmp_path, monkeypatch)
     assert sum(len(b) for b in logged) > 50, "the log shows no metadata writes: the test proves nothing"
+    if placement == "made-before":  # blocks placed when the file was made stay where they are
+        logged = [{a: n for a, n in blocks.items() if a not in logged[0]} for blocks in logged[1:]]
     bad = [s for blocks in logged for s in straddling(blocks)]
     assert not bad, f"metadata blocks (address, size) a kill can tear: {bad[:5]}"
 
 
-def test_default_placement_lets_metadata_blocks_straddle_pages(tmp_path, monkeypatch, small_chunks):
-    """The cause: without FILE_SPACE, HDF5 packs chunk-index blocks anywhere."""
-    monkeypatch.setattr(writer_module, "FILE_SPACE", UNALIGNED)
+def test_default_placement_lets_metadata_blocks_straddle_pages(tmp_path, monkeypatch, small_chunks,
+                                                              default_placement):
+    """The cause: by default HDF5 packs chunk-index blocks anywhere."""
     logged = logged_session(tmp_path, monkeypatch)
     assert any(straddling(blocks) for blocks in logged)
 
@@ -230,21 +274,10 @@ class Recorder(io.RawIOBase):
 
 
 @pytest.fixture
-def recorded(monkeypatch, small_chunks):
-    """The writer's read-write opens of a store file go to a Recorder (creating a file, and
-    every check before the open, stay on disk); yields the Recorders made."""
-    recorders: list[Recorder] = []
-
-    def File(name, mode="r", **kw):  # noqa: ANN001, ANN003, ANN202, N802 - stands in for h5py.File
-        if mode == "r+" and str(name).endswith(".h5"):
-            recorders.append(Recorder(Path(name).read_bytes()))
-            return h5py.File(recorders[-1], mode, **kw)
-        return h5py.File(name, mode, **kw)
-
-    shim = types.SimpleNamespace(**{k: getattr(h5py, k) for k in dir(h5py) if not k.startswith("__")})
-    shim.File = File
-    monkeypatch.setattr(writer_module, "h5py", shim)
-    return recorders
+def recorded(files, small_chunks) -> list[Recorder]:
+    """The writer's read-write opens go to Recorders (the list returned)."""
+    files.recorders = []
+    return files.recorders
 
 
 def recorded_session(tmp_path: Path, recorders: list[Recorder]) -> list[tuple[bytes, int, int, bytes]]:
@@ -261,7 +294,7 @@ def recorded_session(tmp_path: Path, recorders: list[Recorder]) -> list[tuple[by
     return [c for r in recorders for c in r.cuts]
 
 
-def test_a_kill_inside_any_write_loses_no_flushed_row(tmp_path, recorded):
+def test_a_kill_inside_any_write_loses_no_flushed_row(tmp_path, recorded, placement):
     cuts = recorded_session(tmp_path, recorded)
     metadata = [(sig, at) for sig, at, _, _ in cuts if sig in SIGNATURES]
     assert not metadata, f"metadata blocks cut by a page boundary: {metadata[:5]}"
@@ -277,11 +310,10 @@ def test_a_kill_inside_any_write_loses_no_flushed_row(tmp_path, recorded):
         check_writable(path)  # and the next writer takes it up
 
 
-def test_a_torn_metadata_block_is_the_unreadable_file_readers_saw(tmp_path, recorded, monkeypatch):
+def test_a_torn_metadata_block_is_the_unreadable_file_readers_saw(tmp_path, recorded, default_placement):
     """The failure itself, under HDF5's default placement: a chunk-index block cut at a page
     boundary, and no reader can read that timeframe (a cut where the block's changed bytes
     all lie on one side of the boundary is harmless, so not every cut breaks the file)."""
-    monkeypatch.setattr(writer_module, "FILE_SPACE", UNALIGNED)
     cuts = recorded_session(tmp_path, recorded)
     torn = [image for sig, _, _, image in cuts if sig in SIGNATURES]
     assert torn, "no metadata block straddled a page: HDF5's placement changed, revisit this test"
