@@ -51,7 +51,9 @@ LIBVER = ("v110", "v110")
 #: shared blocks: a metadata block of up to 4 KiB lies inside one page, which a kill leaves
 #: either old or new, never mixed. Costs up to a page per chunk whose size is not a whole
 #: number of pages (coarse timeframes; the finest one's 4096-row chunk is exactly 52 pages)
-#: and per object at creation: ~4% on a month of 1s bars, +190 kB per new file.
+#: and ~4 pages per dataset once: measured +3.8% on 2M 1s rows with 11 timeframes, +5.9% on
+#: 1M with the 16 standard ones, ~0.5 MB more for a new 16-timeframe file; write time the
+#: same within noise. Nothing in the file format changes: readers need nothing.
 PAGE = 4096
 FILE_SPACE: dict[str, int] = {"alignment_threshold": 1, "alignment_interval": PAGE, "meta_block_size": 0}
 SUFFIX = ".h5"
