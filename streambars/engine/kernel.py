@@ -196,15 +196,8 @@ def _emit(st, b, s, k, out, nout):
 @numba.njit(cache=True, inline="always", _nrt=False)
 def _fold_bar(st, b, src, c):
     """Add the just-closed bar at ``st[_U(src:)]`` to the running bar at ``st[_U(b:)]`` (cfg row c)."""
-    _fold_into(st, b, src, st[_U(c + C_NANOS)], st[_U(c + C_DAILY)])
-
-
-@numba.njit(cache=True, inline="always", _nrt=False)
-def _fold_into(st, b, src, nanos, daily):
-    """:func:`_fold_bar` given the level's length and kind: a kernel generated for one ladder
-    (ladder.py) passes them as constants, so bucket() divides by a constant, if at all."""
     if st[_U(b + L_ACTIVE)] == 0:
-        start, end = bucket(st, st[_U(src + L_START)], nanos, daily, st[_U(b + L_END)])
+        start, end = bucket(st, st[_U(src + L_START)], st[_U(c + C_NANOS)], st[_U(c + C_DAILY)], st[_U(b + L_END)])
         st[_U(b + L_ACTIVE)] = 1
         st[_U(b + L_START)] = start
         st[_U(b + L_END)] = end
@@ -526,91 +519,48 @@ def _run_exact(series, ts, op, hi, lo, cl, vol, i, n, s, st, b, sb, c1, out, nou
     last = st[_U(sb + S_LAST)]
     cap = out.shape[0]
     failed = False
-    cols = (series, ts, op, hi, lo, cl, vol)
-    lv1 = (s1, e1, o1, h1, l1, k1, v1, n1, idle1)
-    conf = (nanos1, daily1, kids1, cfg, fail_mask)
-    chk = (vmax, tz, inv, lim, low)
     j = i
-    stop = _stop(j, n, cap, nout, n_levels)
-    if j < stop:  # the first record closes the finest bar of st, held in registers
-        taken, nout, lv1 = _exact_one(cols, j, s, (t0, e0, o0, h0, l0, k0, v0, n0), lv1, st, b, sb, out,
-                                      nout, conf, chk)
-        if taken == STEP_FAILED:
-            a0, last, failed = 0, ts[_U(j)], True
-        elif taken == STEP_TAKEN:
-            j += 1
-            # every later record closes the previous record's bar: read from the columns
-            # (not carried in registers: the loop has too few of them for two bars)
-            while True:
-                if j >= stop:
-                    stop = _stop(j, n, cap, nout, n_levels)
-                    if j >= stop:
-                        break
-                p = _U(j - 1)
-                tp = ts[p]
-                bar0 = (tp, tp + interval, op[p], hi[p], lo[p], cl[p], vol[p], np.int64(1))
-                taken, nout, lv1 = _exact_one(cols, j, s, bar0, lv1, st, b, sb, out, nout, conf, chk)
-                if taken != STEP_TAKEN:
-                    if taken == STEP_FAILED:
-                        a0, last, failed = 0, ts[_U(j)], True
-                    break
-                j += 1
-    if j > i:  # the finest bar is the last record taken (the last emitted, if failed)
-        p = _U(j - 1)
-        t0, o0, h0, l0, k0, v0, n0 = ts[p], op[p], hi[p], lo[p], cl[p], vol[p], 1
-        e0 = t0 + interval
-        if not failed:
-            last = t0
+    stop = j
+    while True:
+        if j >= stop:
+            stop = _stop(j, n, cap, nout, n_levels)
+            if j >= stop:
+                break
+        uj = _U(j)
+        t = ts[uj]
+        o, h, lw, c, v = op[uj], hi[uj], lo[uj], cl[uj], vol[uj]
+        summed = v1 + v0
+        if not ((series[uj] == s) & _clean_exact(t, e0, o, h, lw, c, v, vmax, tz, inv, lim, low)
+                & (summed >= v1)):
+            break
+        # the finest bar closes and folds into level 1
+        v1 = summed
+        h1 = max(h1, h0)
+        l1 = min(l1, l0)
+        n1 += n0
+        k1 = k0
+        idle1 = False
+        nout = _put(out, nout, s, 0, t0, o0, h0, l0, k0, v0, n0)
+        if t >= e1:  # level 1 closes: emit it and cascade from level 2 (state in st for that)
+            _set_bar(st, b1, s1, e1, o1, h1, l1, k1, v1, n1)
+            nout = _emit(st, b1, s, 1, out, nout)
+            nout = _cascade(st, s, t, out, nout, kids1, cfg, b)
+            if st[_U(H_FOLD_OVERFLOW)] != 0 and _fold_overflowed(st, sb, t, fail_mask):
+                a0, last, failed = 0, t, True  # the finest bar stays emitted, the record out
+                break
+            # the record's bar is the next one folded into level 1: open level 1 for it
+            s1, e1 = bucket(st, t, nanos1, daily1, e1)
+            o1, h1, l1, v1, n1, idle1 = o, I64_MIN, I64_MAX, np.uint64(0), np.int64(0), True
+        t0, e0, o0, h0, l0, k0, v0, n0 = t, t + interval, o, h, lw, c, v, 1
+        last = t
+        j += 1
     st[_U(b + L_ACTIVE)] = a0
     _set_bar(st, b, t0, e0, o0, h0, l0, k0, v0, n0)
-    s1, e1, o1, h1, l1, k1, v1, n1, idle1 = lv1
     if not (failed or idle1):  # else st holds level 1 as the general path leaves it
         st[_U(b1 + L_ACTIVE)] = 1
         _set_bar(st, b1, s1, e1, o1, h1, l1, k1, v1, n1)
     st[_U(sb + S_LAST)] = last
     return j, nout, failed
-
-
-STEP_STOP, STEP_TAKEN, STEP_FAILED = range(3)  # what _exact_one did with its record
-
-
-@numba.njit(cache=True, inline="always", _nrt=False)
-def _exact_one(cols, j, s, bar0, lv1, st, b, sb, out, nout, conf, chk):
-    """One record of :func:`_run_exact`: it closes the finest bar (t0..n0), which is emitted
-    and folded into level 1 (s1..n1, idle1); returns what happened (STEP_*), nout and level 1.
-    STEP_STOP: the record is the general path's, nothing changed. STEP_FAILED: its cascade
-    broke volume_overflow with policy fail, the finest bar stays emitted, the record out.
-    (Tuples keep the call under CPython's 30 arguments, past which numba cannot inline it.)"""
-    series, ts, op, hi, lo, cl, vol = cols
-    t0, e0, o0, h0, l0, k0, v0, n0 = bar0
-    s1, e1, o1, h1, l1, k1, v1, n1, idle1 = lv1
-    nanos1, daily1, kids1, cfg, fail_mask = conf
-    vmax, tz, inv, lim, low = chk
-    b1 = b + N_LEVEL_FIELDS
-    uj = _U(j)
-    t = ts[uj]
-    o, h, lw, c, v = op[uj], hi[uj], lo[uj], cl[uj], vol[uj]
-    summed = v1 + v0
-    if not ((series[uj] == s) & _clean_exact(t, e0, o, h, lw, c, v, vmax, tz, inv, lim, low)
-            & (summed >= v1)):
-        return STEP_STOP, nout, lv1
-    v1 = summed
-    h1 = max(h1, h0)
-    l1 = min(l1, l0)
-    n1 += n0
-    k1 = k0
-    idle1 = False
-    nout = _put(out, nout, s, 0, t0, o0, h0, l0, k0, v0, n0)
-    if t >= e1:  # level 1 closes: emit it and cascade from level 2 (state in st for that)
-        _set_bar(st, b1, s1, e1, o1, h1, l1, k1, v1, n1)
-        nout = _emit(st, b1, s, 1, out, nout)
-        nout = _cascade(st, s, t, out, nout, kids1, cfg, b)
-        if st[_U(H_FOLD_OVERFLOW)] != 0 and _fold_overflowed(st, sb, t, fail_mask):
-            return STEP_FAILED, nout, (s1, e1, o1, h1, l1, k1, v1, n1, idle1)
-        # the record's bar is the next one folded into level 1: open level 1 for it
-        s1, e1 = bucket(st, t, nanos1, daily1, e1)
-        o1, h1, l1, v1, n1, idle1 = o, I64_MIN, I64_MAX, np.uint64(0), np.int64(0), True
-    return STEP_TAKEN, nout, (s1, e1, o1, h1, l1, k1, v1, n1, idle1)
 
 
 @numba.njit(cache=True, inline="always", _nrt=False)
