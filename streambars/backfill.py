@@ -79,9 +79,10 @@ from .store.layout import file_path, filename_to_symbol, store_files
 from .timeutil import NS, inclusive_days, iso, parse_day
 
 log = get_logger("streambars.backfill")
-#: Progress fields that already say they are the run's (rate, time, files done, ETA); a
-#: "file done" event prefixes the others (bars, mb) with total_ beside the file's own records.
-_RUN_WIDE = frozenset({"records_per_s", "elapsed_s", "done", "percent", "eta_s"})
+#: The progress amounts a "file done" event would show beside the file's own records as if
+#: they were the file's: there they are named as the run's totals (rate, ETA and the like
+#: already read as the run's).
+_RUN_TOTALS = {"bars": "total_bars", "mb": "total_mb"}
 
 #: Batches (of ~64k records, or of the bars they close) queued between stages: enough to keep
 #: both cores busy, small enough that a year-long backfill stays near 0.5 GB resident.
@@ -643,7 +644,7 @@ class Runner:
             records_done[0] += records
             what = "month" if item.by_symbol else "file"
             # The file's own records; every other figure is the run's so far, and named so.
-            run = {k if k in _RUN_WIDE else f"total_{k}": v for k, v in progress.fields().items() if k != "records"}
+            run = {_RUN_TOTALS.get(k, k): v for k, v in progress.fields().items() if k != progress.noun}
             log.info(f"{what} done", **{what: item.label, "records": records, **run,
                                         "total_records": records_done[0]})
             if hooks.on_progress is not None:
