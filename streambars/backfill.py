@@ -44,14 +44,14 @@ from typing import Any, TextIO
 
 import anyio
 import numpy as np
-import zstandard
 
 from . import archive
 from .config import Settings, check_timeframes_fit, load_api_key, stype_hint
 from .engine import Aggregator
 from .engine.kernel import S_LAST
 from .errors import CostLimitError, Interrupted, SourceError, UsageError
-from .fsio import SyncBehind, pid_alive, replace_file, temp_beside
+from .fsio import pid_alive
+from .inputs import INPUTS_DIR, InputCopy, wait_archived
 from .ledger import EMPTY, LIVE, Ledger, Span, live_span, span_key
 from .observe import Progress, ProgressDisplay, get_logger
 from .pipeline import (
@@ -178,6 +178,8 @@ class Item:
     end_known: bool
     label: str
     fetch: bool = False  # Historical: download [start, end) of the one symbol first
+    #: --from-dbn: the user's file, read while its archive copy (``path``) is finished
+    read_from: Path | None = None
     by_symbol: bool = True  # a per-symbol archive file: every record is that symbol's
 
     @property
@@ -500,6 +502,8 @@ def execute(plan: Plan, *, client: Any = None, hooks: RunHooks | None = None) ->
         if appended:
             run.append([replace(i, spans={n: s for n, s in i.spans.items() if n in appended})
                         for i in items if appended & set(i.spans)], plan.flush_end)
+        if rebuild:
+            wait_archived()  # a rebuild reads every input back from the archive
         for name in rebuild:
             old = states[name].ledger
             ledger = Ledger(spans=list(old.spans), schema=old.schema, trade_clock=old.trade_clock, live=old.live)
@@ -510,6 +514,7 @@ def execute(plan: Plan, *, client: Any = None, hooks: RunHooks | None = None) ->
             run.rebuild(name, ledger, fetch_items={i.source: i for i in mine if i.fetch})
     finally:
         writers.close_all()
+        wait_archived(check=False)  # no input copy outlives the run
     return result
 
 
@@ -659,7 +664,7 @@ class Runner:
         async def download() -> None:
             async with ready_send:
                 for item in items:
-                    path = item.path
+                    path = item.read_from or item.path
                     if _stale(item, self.plan):
                         (symbol, ((a, b),)), = item.spans.items()
                         log.info("downloading", symbol=symbol, span=item.label)
@@ -695,6 +700,8 @@ class Runner:
                             records += len(batch)
                             yield batch
                     progress.input_bytes = base + (size or 0)
+                    if item.read_from is not None:  # its source is named only once archived
+                        await anyio.to_thread.run_sync(wait_archived, [item.path])
                     for name, spans in item.spans.items():
                         if item.source != LIVE:
                             for a, b in spans:
@@ -727,7 +734,7 @@ def _input_size(item: Item, plan: Plan | None) -> int | None:
     if _stale(item, plan):
         return None
     try:
-        return item.path.stat().st_size
+        return (item.read_from or item.path).stat().st_size
     except OSError:
         return None
 
@@ -888,78 +895,6 @@ class SpanFilter:
 # ----------------------------------------------------------------------------- DBN files
 
 
-INPUTS_DIR = "_inputs"
-
-
-def file_span(path: Path, schema: str, clock: str,
-              tee: Callable[[bytes], None] | None = None) -> tuple[int, int]:
-    """(records, one past the last record's time): reads the whole file, which also proves it
-    whole (a corrupt or cut-off file is refused here, before anything is written); ``tee``
-    receives the file's bytes as they are read."""
-    n, last = 0, -1
-    field_name = clock if schema == "trades" else "ts_event"
-    for _, arr in dbnfile.iter_records(path, expected_schema=schema, tee=tee):
-        n += len(arr)
-        if len(arr):
-            last = max(last, int(arr[field_name].max()))
-    return n, last + 1
-
-
-@dataclass
-class _Input:
-    """A DBN file the user gave, read once: hashed, copied compressed into a temp file in the
-    raw archive (kept by :meth:`keep`, or dropped), and -- when its end must be proven --
-    decoded in the same read (:func:`file_span`)."""
-
-    rel: str  # its ledger source, named by its content
-    tmp: Path
-    proven_end: int | None  # one past its last record; None: not decoded here
-
-    @classmethod
-    def read(cls, raw: Path, info: dbnfile.DbnInfo, schema: str, clock: str, scan: bool) -> _Input:
-        digest = hashlib.sha256()
-        path = info.path
-        tmp = temp_beside(raw / INPUTS_DIR / path.name)
-        try:
-            with open(tmp, "xb") as f_out:
-                out = SyncBehind(f_out)  # keep() fsyncs it: most of it is on disk by then
-                pack = None if info.compressed else zstandard.ZstdCompressor(level=3).compressobj()
-
-                def sink(chunk: bytes) -> None:
-                    digest.update(chunk)
-                    out.write(chunk if pack is None else pack.compress(chunk))
-
-                try:
-                    end = None
-                    if scan:
-                        end = file_span(path, schema, clock, tee=sink)[1]
-                    else:
-                        with open(path, "rb") as f:
-                            while chunk := f.read(1 << 20):
-                                sink(chunk)
-                    if pack is not None:
-                        out.write(pack.flush())
-                finally:
-                    out.wait()
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        stem = path.name.split(".")[0] or "input"
-        return cls(f"{INPUTS_DIR}/{stem}-{digest.hexdigest()[:16]}.dbn.zst", tmp, end)
-
-    def keep(self, raw: Path) -> str:
-        """Put the copy in the raw archive (a later rebuild reads it there); its source."""
-        dest = raw / self.rel
-        if dest.is_file():
-            self.drop()
-        else:
-            replace_file(self.tmp, dest)
-        return self.rel
-
-    def drop(self) -> None:
-        self.tmp.unlink(missing_ok=True)
-
-
 def expand_dbn_paths(paths: Sequence[Path]) -> list[Path]:
     """``--from-dbn`` arguments as files: a directory stands for the DBN files directly in it
     (``*.dbn``, ``*.dbn.zst``, not hidden, not recursive, sorted); a missing path or a
@@ -1025,11 +960,11 @@ def plan_dbn_files(
     # (a compressed file with a Metadata end is checked record by record as the pipeline
     # decodes it: damage stops the run before that input's checkpoint, so no ledger counts it)
     spans: list[tuple[dbnfile.DbnInfo, int, int, bool]] = []
-    inputs: dict[Path, _Input] = {}
+    inputs: dict[Path, InputCopy] = {}
     try:
         for info in infos:
             known = info.compressed and info.end_ns is not None
-            got = inputs[info.path] = _Input.read(raw, info, schema, clock, scan=not known)
+            got = inputs[info.path] = InputCopy.read(raw, info, schema, clock, scan=not known)
             stop = info.end_ns if known else got.proven_end
             assert stop is not None
             if declared_end is not None and declared_end >= stop:
@@ -1043,7 +978,7 @@ def plan_dbn_files(
 
 
 def _plan_inputs(settings: Settings, paths: list[Path], infos: list[dbnfile.DbnInfo], stype: str,
-                 spans: list[tuple[dbnfile.DbnInfo, int, int, bool]], inputs: dict[Path, _Input],
+                 spans: list[tuple[dbnfile.DbnInfo, int, int, bool]], inputs: dict[Path, InputCopy],
                  out: TextIO) -> Plan:
     """The --from-dbn plan once every file is read: what each symbol's file lacks."""
     dataset, schema = settings.databento.dataset, settings.databento.schema
@@ -1065,8 +1000,9 @@ def _plan_inputs(settings: Settings, paths: list[Path], infos: list[dbnfile.DbnI
             log.info("already in the store", path=str(info.path))
             skipped += 1
             continue
-        source = inputs[info.path].keep(raw)  # workers read it from the archive, not from here
-        items.append(Item(raw / source, parts, source, known, info.path.name, by_symbol=False))
+        source = inputs[info.path].keep(raw)  # finished beside the run: see streambars.inputs
+        items.append(Item(raw / source, parts, source, known, info.path.name, by_symbol=False,
+                          read_from=info.path))
     new = {n: [i for i in items if n in i.spans] for n in names}
     rebuild = _rebuilds(states, new, set())
     if rebuild:

@@ -45,6 +45,7 @@ from typing import Any, TextIO
 from .backfill import BackfillResult, Plan, RunHooks, StopRequested, execute, print_summary
 from .config import API_KEY_ENV, ConfigError
 from .errors import StreambarsError, UsageError
+from .inputs import wait_archived
 from .observe import LOG_EVERY_S, Progress, ProgressDisplay, configure_logging, get_logger, scrub
 
 log = get_logger("streambars.cluster")
@@ -339,8 +340,10 @@ def run_on_cluster(plan: Plan, out: TextIO = sys.stdout, client: Any = None,
     env_file = str(Path(plan.env_file).resolve()) if plan.env_file else None
     plan = replace(plan, settings=replace(plan.settings, store=replace(plan.settings.store, path=store)),
                    env_file=env_file)
-    # Items name archive paths: make them absolute too (a worker's cwd is its own).
-    plan = replace(plan, items=tuple(replace(i, path=i.path.resolve()) if i.path is not None else i
+    # Items name archive paths: make them absolute too (a worker's cwd is its own). Workers
+    # read --from-dbn inputs from the archive, so their copies must be there first.
+    wait_archived()
+    plan = replace(plan, items=tuple(replace(i, path=i.path.resolve(), read_from=None) if i.path is not None else i
                                      for i in plan.items))
     token = uuid.uuid4().hex
     store.mkdir(parents=True, exist_ok=True)

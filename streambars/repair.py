@@ -25,16 +25,15 @@ from typing import TextIO
 from . import archive
 from .archive import live_archive_head, live_archive_tail
 from .backfill import (
-    INPUTS_DIR,
     BackfillResult,
     FileState,
     RunHooks,
     Runner,
-    file_span,
     print_summary,
 )
 from .config import Settings
 from .errors import UsageError
+from .inputs import INPUTS_DIR, file_span
 from .ledger import LIVE, Ledger, Span, key_span, live_span, subtract
 from .observe import get_logger
 from .pipeline import make_writers, settle_session

@@ -20,7 +20,7 @@ LAYERS: list[set[str]] = [
     {"version", "errors", "timeutil", "fsio", "zstdframes", "naming", "startup", "observe", "jitcache",
      "tables", "records", "timeframes", "rules"},
     # the parts: configuration, the engine, the store, the raw archive, sources
-    {"config", "engine", "store", "archive", "ledger", "sources"},
+    {"config", "engine", "store", "archive", "ledger", "inputs", "sources"},
     # flows built from the parts
     {"pipeline", "export", "validate", "synthetic", "plot"},
     # the commands' wings
