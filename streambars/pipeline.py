@@ -94,9 +94,10 @@ def settle_session(settings: Settings, dataset: str) -> Settings:
     return replace(settings, bars=replace(settings.bars, session=session), session_pending=False)
 
 
-def make_engine(settings: Settings, registry: SeriesRegistry | None = None) -> Aggregator:
+def make_engine(settings: Settings, registry: SeriesRegistry | None = None, out_capacity: int = 65536) -> Aggregator:
     """The aggregator the settings describe (timeframes, input schema, session, rules);
-    ``registry`` lets its errors name the symbol instead of a series index."""
+    ``registry`` lets its errors name the symbol instead of a series index; ``out_capacity``:
+    bars of its reused output buffer (see Aggregator)."""
     v = settings.validation
     return Aggregator(
         settings.bars.timeframes,
@@ -106,6 +107,7 @@ def make_engine(settings: Settings, registry: SeriesRegistry | None = None) -> A
         default_policy=v.policy,
         max_volume=v.max_volume,
         series_names=registry,
+        out_capacity=out_capacity,
     )
 
 
