@@ -31,7 +31,7 @@ from streambars.store import (
     symbol_to_filename,
 )
 from streambars.store import writer as store_writer
-from streambars.store.layout import HWM, INDEX, LIBVER
+from streambars.store.layout import HWM, INDEX, LIBVER, META_BLOBS, PAGE
 from streambars.store.recovery import clear_open_flags, lookup3, read_superblock
 from streambars.store.writer import as_bars
 from streambars.timeframes import STANDARD_TIMEFRAMES, Session, parse_timeframes
@@ -441,9 +441,16 @@ def test_bytes_on_disk_per_bar_stay_within_twice_the_row_size(tmp_path):
                     j = (i + 1) // tf.seconds - 1
                     batch[tf.name] = stepped(tf.seconds, j, j + 1)
             total += sum(w.append(batch).values())
+            if i + 1 == seconds // 2:
+                half_rows, half_size = total, os.path.getsize(w.path)
         path = w.path
-    per_row = os.path.getsize(path) / total
+    size = os.path.getsize(path)
+    per_row = (size - half_size) / (total - half_rows)  # the second hour: what a file grows by
     assert per_row <= 2 * BAR_DTYPE.itemsize, f"{per_row:.1f} bytes per {BAR_DTYPE.itemsize}-byte row"
+    # Plus what a new file costs once: every dataset's first metadata blocks take a page each
+    # (layout.FILE_SPACE, so that a kill cannot tear them): at most 4 pages per dataset.
+    datasets = 2 * len(tfs) + 1 + len(META_BLOBS)
+    assert size <= 2 * BAR_DTYPE.itemsize * total + 4 * PAGE * datasets, f"{size} bytes for {total} rows"
 
 
 def test_writer_in_a_process_that_reads_the_file_says_why_it_cannot_open(tmp_path):

@@ -21,7 +21,7 @@ import h5py
 from ..errors import DamagedFileError, StoreError, StoreLockedError, UsageError
 from ..fsio import file_size, replace_file
 from ..observe import Progress
-from .layout import BARS, LIBVER, SUFFIX, remove_stale_temps, store_files, temp_path
+from .layout import BARS, FILE_SPACE, LIBVER, SUFFIX, remove_stale_temps, store_files, temp_path
 from .lock import FileLock
 from .probe import check_writable
 from .recovery import recover_file
@@ -51,7 +51,10 @@ def rewrite_file(path: Path, compression: str | None,
     before = os.path.getsize(path)
     tmp = temp_path(path, "compact")
     try:
-        with h5py.File(path, "r", locking=False) as src, h5py.File(tmp, "w", libver=LIBVER, locking=False) as dst:
+        # An uncompressed file may be appended to again: lay it out as a writer does.
+        space = {} if filters else FILE_SPACE
+        with h5py.File(path, "r", locking=False) as src, \
+                h5py.File(tmp, "w", libver=LIBVER, locking=False, **space) as dst:
             if BARS not in src:
                 raise StoreError(f"{path} is not a streambars bar file (no /{BARS} group)")
             dst.attrs.update(src.attrs)

@@ -42,6 +42,20 @@ FORMAT_VERSION = 1
 #: v110 = superblock v3: SWMR works, and HDF5 1.10 (Debian's h5dump) and 1.14 (PyTables,
 #: pandas) still open the file; 'latest' under HDF5 2.0 writes objects they cannot read.
 LIBVER = ("v110", "v110")
+#: Where HDF5 puts what a writer allocates (h5py.File keywords, for every open that writes).
+#: A SIGKILL can cut one pwrite() short at any 4 KiB page boundary (Linux checks for fatal
+#: signals between the pages it copies), and HDF5 rewrites its metadata blocks (object
+#: headers, chunk-index blocks) in place on every flush: a block straddling a page boundary
+#: can be left half old, half new, and then no reader can open that dataset ("incorrect
+#: metadata checksum"). So every allocation starts on a page and metadata is not packed into
+#: shared blocks: a metadata block of up to 4 KiB lies inside one page, which a kill leaves
+#: either old or new, never mixed. Costs up to a page per chunk whose size is not a whole
+#: number of pages (coarse timeframes; the finest one's 4096-row chunk is exactly 52 pages)
+#: and ~4 pages per dataset once: measured +3.8% on 2M 1s rows with 11 timeframes, +5.9% on
+#: 1M with the 16 standard ones, ~0.5 MB more for a new 16-timeframe file; write time the
+#: same within noise. Nothing in the file format changes: readers need nothing.
+PAGE = 4096
+FILE_SPACE: dict[str, int] = {"alignment_threshold": 1, "alignment_interval": PAGE, "meta_block_size": 0}
 SUFFIX = ".h5"
 TS_CONVENTION = (
     "int64 ns since the UNIX epoch, UTC; the open of the interval [ts_event, ts_event + timeframe)"

@@ -31,6 +31,7 @@ from ..version import __version__
 from .gather import count_tagged, scatter_rows, scatter_tagged
 from .layout import (
     BARS,
+    FILE_SPACE,
     HWM,
     INDEX,
     LIBVER,
@@ -204,7 +205,7 @@ class BarFileWriter:
             rewrite_file(self.path, compression=None)
         try:
             f = h5py.File(self.path, "r+", libver=LIBVER, locking=False,
-                          rdcc_nbytes=writer_chunk_cache_bytes(self.chunk_rows))
+                          rdcc_nbytes=writer_chunk_cache_bytes(self.chunk_rows), **FILE_SPACE)
         except OSError as e:
             hint = ""
             if "already open for read-only" in str(e):
@@ -235,7 +236,7 @@ class BarFileWriter:
         while creating never leaves a half-made file under the real name."""
         tmp = temp_path(self.path, "creating")
         try:
-            with h5py.File(tmp, "w", libver=LIBVER, locking=False) as f:
+            with h5py.File(tmp, "w", libver=LIBVER, locking=False, **FILE_SPACE) as f:
                 create_layout(
                     f, dataset=self.dataset, symbol=self.symbol, stype=self.stype,
                     timeframes=self._requested, session=self.session,
