@@ -22,10 +22,12 @@ simulated exactly instead, two ways:
 from __future__ import annotations
 
 import ctypes
+import functools
 import io
 import json
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import h5py
@@ -33,6 +35,7 @@ import h5py._hl.files as h5py_files
 import numpy as np
 import pytest
 
+import streambars.store.layout as layout
 import streambars.store.writer as writer_module
 from streambars.errors import DamagedFileError
 from streambars.store import file_path, open_store
@@ -49,19 +52,15 @@ BATCHES = [1, 7, 700, 1, 500, 2000, 3, 900] * 6
 class WriterFiles:
     """Stands in for the h5py module the writer uses: its h5py.File opens can go to a
     Recorder (``recorders``: the writer's read-write opens of a store file; creating a file
-    and every check before the open stay on disk) and its file creation can drop FILE_SPACE
-    (``create_unaligned``: HDF5's default placement, as writers before this fix made files)."""
+    and every check before the open stay on disk)."""
 
     def __init__(self) -> None:
         self.recorders: list[Recorder] | None = None
-        self.create_unaligned = False
         for name in dir(h5py):
             if not name.startswith("__") and name != "File":
                 setattr(self, name, getattr(h5py, name))
 
     def File(self, name, mode="r", **kw):  # noqa: ANN001, ANN003, ANN201, N802
-        if mode == "w" and self.create_unaligned:
-            kw = {k: v for k, v in kw.items() if k not in writer_module.FILE_SPACE}
         if mode == "r+" and self.recorders is not None and str(name).endswith(".h5"):
             self.recorders.append(Recorder(Path(name).read_bytes()))
             return h5py.File(self.recorders[-1], mode, **kw)
@@ -75,17 +74,12 @@ def files(monkeypatch) -> WriterFiles:
     return shim
 
 
-@pytest.fixture(params=["new", "made-before"])
-def placement(request, files):
-    """'new': a file today's writer creates. 'made-before': a file created with HDF5's default
-    placement (by a writer before this fix), then appended to by today's writer."""
-    files.create_unaligned = request.param == "made-before"
-    return request.param
-
-
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """Writers with 128-row chunks: the chunk index grows through its blocks quickly."""
+    """Writers with small chunks (a store's are 1024 rows or more), so the chunk index grows
+    through its blocks quickly: 128 rows for 1s (6.5 kB: row writes cross a page boundary),
+    64 for 1min (its 411 rows in 7 chunks, more than the 4 the index block holds itself, so
+    its index gets data blocks too)."""
     init = writer_module.BarFileWriter.__init__
 
     def wrapped(self, *args, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
@@ -93,12 +87,14 @@ def small_chunks(monkeypatch):
         init(self, *args, **kw)
 
     monkeypatch.setattr(writer_module.BarFileWriter, "__init__", wrapped)
+    monkeypatch.setattr(layout, "MIN_CHUNK_ROWS", 64)
 
 
 @pytest.fixture
 def default_placement(monkeypatch):
     """HDF5's default placement everywhere: what the writer did before this fix."""
     monkeypatch.setattr(writer_module, "FILE_SPACE", {})
+    monkeypatch.setattr(layout, "FILE_SPACE", {})
 
 
 def append_all(w, start: int, batches: list[int], done=None) -> int:  # noqa: ANN001
@@ -196,12 +192,9 @@ def straddling(blocks: dict[int, int]) -> list[tuple[int, int]]:
     return [(a, n) for a, n in sorted(blocks.items()) if n <= PAGE and a // PAGE != (a + n - 1) // PAGE]
 
 
-def test_every_metadata_block_a_writer_writes_lies_inside_one_page(tmp_path, monkeypatch, small_chunks,
-                                                                   placement):
+def test_every_metadata_block_a_writer_writes_lies_inside_one_page(tmp_path, monkeypatch, small_chunks):
     logged = logged_session(tmp_path, monkeypatch)
     assert sum(len(b) for b in logged) > 50, "the log shows no metadata writes: the test proves nothing"
-    if placement == "made-before":  # blocks placed when the file was made stay where they are
-        logged = [{a: n for a, n in blocks.items() if a not in logged[0]} for blocks in logged[1:]]
     bad = [s for blocks in logged for s in straddling(blocks)]
     assert not bad, f"metadata blocks (address, size) a kill can tear: {bad[:5]}"
 
@@ -224,13 +217,16 @@ SIGNATURES = {b"OHDR", b"OCHK", b"EAHD", b"EAIB", b"EASB", b"EADB", b"FAHD", b"F
 class Recorder(io.RawIOBase):
     """A file in memory that keeps, for every write crossing a page boundary, the image a kill
     at each boundary inside it leaves (the write's pages before the boundary on disk, the rest
-    not), with the rows flushed before that write began."""
+    not), with the rows flushed before that write began. Images are rebuilt on demand from the
+    writes (a copy of the file per cut made this test slow as files grow)."""
 
     def __init__(self, data: bytes):
+        self.base = bytes(data)
         self.img = bytearray(data)
         self.pos = 0
         self.flushed = 0
-        self.cuts: list[tuple[bytes, int, int, bytes]] = []  # (first 4 bytes, offset, flushed, image)
+        self.ops: list[tuple[int, bytes | None]] = []  # (offset, bytes written) or (size, None): truncate
+        self.cuts: list[tuple[bytes, int, int, Callable[[], bytes]]] = []  # (first 4 bytes, offset, flushed, image)
 
     def readable(self) -> bool:
         return True
@@ -248,10 +244,19 @@ class Recorder(io.RawIOBase):
     def tell(self) -> int:
         return self.pos
 
+    @staticmethod
+    def _apply(img: bytearray, at: int, data: bytes | None) -> None:
+        if data is None:  # truncate to ``at``
+            del img[at:]
+            img.extend(b"\0" * (at - len(img)))
+            return
+        img.extend(b"\0" * max(0, at + len(data) - len(img)))
+        img[at : at + len(data)] = data
+
     def truncate(self, size: int | None = None) -> int:
         size = self.pos if size is None else size
-        del self.img[size:]
-        self.img.extend(b"\0" * (size - len(self.img)))
+        self.ops.append((size, None))
+        self._apply(self.img, size, None)
         return size
 
     def readinto(self, buf) -> int:  # noqa: ANN001
@@ -261,14 +266,23 @@ class Recorder(io.RawIOBase):
         self.pos += len(data)
         return len(data)
 
+    def image(self, op: int, cut: int) -> bytes:
+        """The file as a kill at offset ``cut`` inside write number ``op`` leaves it."""
+        img = bytearray(self.base)
+        for at, data in self.ops[:op]:
+            self._apply(img, at, data)
+        at, data = self.ops[op]
+        assert data is not None
+        img.extend(b"\0" * max(0, at + len(data) - len(img)))  # the file grows first
+        img[at:cut] = data[: cut - at]
+        return bytes(img)
+
     def write(self, b) -> int:  # noqa: ANN001
-        data, at = bytes(b), self.pos
-        self.img.extend(b"\0" * max(0, at + len(data) - len(self.img)))
+        data, at, op = bytes(b), self.pos, len(self.ops)
         for cut in range((at // PAGE + 1) * PAGE, at + len(data), PAGE):
-            torn = bytearray(self.img)
-            torn[at:cut] = data[: cut - at]
-            self.cuts.append((data[:4], at, self.flushed, bytes(torn)))
-        self.img[at : at + len(data)] = data
+            self.cuts.append((data[:4], at, self.flushed, functools.partial(self.image, op, cut)))
+        self.ops.append((at, data))
+        self._apply(self.img, at, data)
         self.pos = at + len(data)
         return len(data)
 
@@ -280,7 +294,7 @@ def recorded(files, small_chunks) -> list[Recorder]:
     return files.recorders
 
 
-def recorded_session(tmp_path: Path, recorders: list[Recorder]) -> list[tuple[bytes, int, int, bytes]]:
+def recorded_session(tmp_path: Path, recorders: list[Recorder]) -> list[tuple[bytes, int, int, Callable[[], bytes]]]:
     """Create and append, be killed; a second writer recovers the killed image and appends.
     Returns every cut write (the writers are dropped as kills drop them)."""
     w = open_writer(str(tmp_path / "first"))
@@ -294,7 +308,7 @@ def recorded_session(tmp_path: Path, recorders: list[Recorder]) -> list[tuple[by
     return [c for r in recorders for c in r.cuts]
 
 
-def test_a_kill_inside_any_write_loses_no_flushed_row(tmp_path, recorded, placement):
+def test_a_kill_inside_any_write_loses_no_flushed_row(tmp_path, recorded):
     cuts = recorded_session(tmp_path, recorded)
     metadata = [(sig, at) for sig, at, _, _ in cuts if sig in SIGNATURES]
     assert not metadata, f"metadata blocks cut by a page boundary: {metadata[:5]}"
@@ -302,7 +316,7 @@ def test_a_kill_inside_any_write_loses_no_flushed_row(tmp_path, recorded, placem
     # sample) reads whole, with every row flushed before the cut write began.
     assert len(cuts) > 50
     for k, (_, _, flushed, image) in enumerate(cuts[:: len(cuts) // 10]):
-        path = as_killed(file_path(tmp_path / f"cut{k}", DATASET, SYMBOL), image)
+        path = as_killed(file_path(tmp_path / f"cut{k}", DATASET, SYMBOL), image())
         s, m = read_all(path)
         assert s.shape[0] >= flushed
         np.testing.assert_array_equal(s, expected(1, 0, s.shape[0]))
@@ -319,7 +333,7 @@ def test_a_torn_metadata_block_is_the_unreadable_file_readers_saw(tmp_path, reco
     assert torn, "no metadata block straddled a page: HDF5's placement changed, revisit this test"
     errors = []
     for k, image in enumerate(torn):
-        path = as_killed(file_path(tmp_path / f"torn{k}", DATASET, SYMBOL), image)
+        path = as_killed(file_path(tmp_path / f"torn{k}", DATASET, SYMBOL), image())
         try:
             read_all(path)
         except DamagedFileError as e:
@@ -327,3 +341,44 @@ def test_a_torn_metadata_block_is_the_unreadable_file_readers_saw(tmp_path, reco
             if len(errors) == 2:  # each failing read takes ~0.5 s (bounded retries)
                 break
     assert errors and all("incorrect metadata checksum" in e for e in errors), errors
+
+
+# -- files made before -------------------------------------------------------------------------
+
+
+def chunk_offsets(path: Path) -> dict[str, list[int]]:
+    """Where each 1s/1min chunk starts in the file."""
+    with h5py.File(path, "r", locking=False) as f:
+        return {tf: [ds.id.get_chunk_info(i).byte_offset for i in range(ds.id.get_num_chunks())]
+                for tf, ds in ((tf, f["bars"][tf]) for tf in ("1s", "1min"))}
+
+
+def test_a_file_made_before_is_appended_as_it_was_made(tmp_path, monkeypatch):
+    """A file made before page alignment (HDF5's default placement, 64-row coarse chunks, no
+    ``placement`` attribute) keeps its placement: aligning its small chunks would leave a gap
+    after each. Its rows stay whole through today's writer; a new file's chunks all start on a
+    page."""
+    with monkeypatch.context() as old:  # the writer before this fix
+        old.setattr(writer_module, "FILE_SPACE", {})
+        old.setattr(layout, "MIN_CHUNK_ROWS", 64)
+        w = open_writer(str(tmp_path / "old"))
+        n = append_all(w, 0, BATCHES[:8])
+        path = w.path
+        w.close()
+        with h5py.File(path, "r+", locking=False) as f:
+            del f.attrs[layout.PLACEMENT]
+    before = chunk_offsets(path)
+    w = open_writer(str(tmp_path / "old"))  # today's writer
+    n = append_all(w, n, BATCHES[8:16])
+    w.close()
+    s, m = read_all(path)
+    np.testing.assert_array_equal(s, expected(1, 0, n))
+    np.testing.assert_array_equal(m, expected(60, 0, -(-n // 60)))
+    after = chunk_offsets(path)
+    added = [a for tf in after for a in after[tf][len(before[tf]):]]
+    assert len(added) > 10 and any(a % PAGE for a in added), "the old file's new chunks were page-aligned"
+    w = open_writer(str(tmp_path / "new"))
+    append_all(w, 0, BATCHES[:16])
+    w.close()
+    new = [a for offsets in chunk_offsets(w.path).values() for a in offsets]
+    assert len(new) > 30 and not [a for a in new if a % PAGE]
