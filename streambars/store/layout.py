@@ -3,7 +3,8 @@
 One file per symbol, ``<root>/<dataset>/<escaped symbol>.h5``::
 
     /                           attrs: the bar contract (format, format_version, dataset, symbol,
-                                stype, price_scale, session, timeframes, ts_event, libver, ...)
+                                stype, price_scale, session, timeframes, ts_event, libver,
+                                placement, ...)
     /bars/<tf>                  BAR_DTYPE rows, chunked, resizable; attrs timeframe, seconds,
                                 index_stride (= rows per chunk)
     /meta/high_water_marks      int64 (n_timeframes,): last ts_event written per timeframe
