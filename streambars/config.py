@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError as ConfigError  # re-exported: its home is errors
-from .records import INPUT_INTERVAL_NS, INPUT_KINDS, TRADE_CLOCKS
+from .records import BAR_DTYPE, BAR_PAGE_ROWS, INPUT_INTERVAL_NS, INPUT_KINDS, TRADE_CLOCKS
 from .rules import RECORD_RULE_NAMES, Policy
 from .timeframes import (
     STANDARD_TIMEFRAMES,
@@ -232,8 +232,11 @@ def _convert(key: str, value: Any) -> Any:  # noqa: C901 - one flat table of key
             return Path(_expect(key, value, str, "a directory path"))
         case "store.chunk_rows":
             v = _positive(key, value, int)
-            if not 64 <= v <= 1_000_000:
-                raise ConfigError(key, value, "a whole number from 64 to 1000000")
+            if not BAR_PAGE_ROWS <= v <= 1_000_000 or v % BAR_PAGE_ROWS:
+                pages = BAR_PAGE_ROWS * BAR_DTYPE.itemsize // 4096
+                raise ConfigError(key, value, f"a multiple of {BAR_PAGE_ROWS} up to 1000000, such as 4096 (the "
+                                  f"default): {BAR_PAGE_ROWS} bars are {pages} whole 4 KiB pages, and "
+                                  "the store starts each chunk on a page, so other sizes leave a gap after every chunk")
             return v
         case "store.compression":
             return _choice(key, value, ("none", "gzip", "lzf"))

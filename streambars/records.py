@@ -8,6 +8,7 @@ these two types in one small module is what lets sources, engine and store evolv
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -43,6 +44,11 @@ BAR_DTYPE = np.dtype(
         ("count", "<u4"),
     ]
 )
+
+#: The fewest bars that fill whole 4 KiB pages: 1024 52-byte rows are 13 pages. The store
+#: starts every allocation on a page (store/layout.py FILE_SPACE), so its chunks are a multiple
+#: of this many rows; any other size leaves a gap after every chunk.
+BAR_PAGE_ROWS = 4096 // math.gcd(4096, BAR_DTYPE.itemsize)
 
 #: A closed bar as the engine emits it: which series (symbol) and which timeframe, then the bar.
 TAGGED_BAR_DTYPE = np.dtype([("series", "<i4"), ("timeframe", "<i4")] + BAR_DTYPE.descr)

@@ -32,7 +32,7 @@ def test_toml_file_and_override(tmp_path):
         ("bars.session", "17:00 Mars/Olympus", "IANA"),
         ("databento.schema", "mbo", "ohlcv-1s"),
         ("databento.live_gateway", "localhost", "host:port"),
-        ("store.chunk_rows", 3, "64"),
+        ("store.chunk_rows", 3, "1024"),
         ("validation.policy", "ignore", "flag"),
         ("validation.rules", {"no_such_rule": "drop"}, "per-record rule"),
         ("live.unknown", 1, "known key"),
@@ -44,6 +44,22 @@ def test_bad_values_name_key_value_and_allowed(key, value, fragment):
         load_settings(None, {key: value})
     assert key.split(".")[0] in str(e.value)
     assert fragment in str(e.value)
+
+
+@pytest.mark.parametrize("rows", [64, 1000, 1023, 1536, 4095, 1_000_448, 2**21])
+def test_chunk_rows_not_whole_pages_are_refused_naming_the_key(rows):
+    # 52-byte bars fill whole 4 KiB pages only in multiples of 1024 rows (52 * 1024 = 13 pages):
+    # any other chunk leaves a gap after it, as every allocation starts on a page.
+    assert (rows * 52 % 4096 == 0) == (rows % 1024 == 0)
+    with pytest.raises(ConfigError) as e:
+        load_settings(None, {"store.chunk_rows": rows})
+    msg = str(e.value)
+    assert "store.chunk_rows" in msg and str(rows) in msg and "multiple of 1024" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("rows", [1024, 4096, 5120, 65_536, 999_424])
+def test_chunk_rows_in_whole_pages_are_taken_as_given(rows):
+    assert load_settings(None, {"store.chunk_rows": rows}).store.chunk_rows == rows
 
 
 def test_malformed_toml_names_file(tmp_path):

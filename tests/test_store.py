@@ -31,7 +31,7 @@ from streambars.store import (
     symbol_to_filename,
 )
 from streambars.store import writer as store_writer
-from streambars.store.layout import HWM, INDEX, LIBVER
+from streambars.store.layout import HWM, INDEX, LIBVER, META_BLOBS, PAGE, chunk_rows_by_timeframe
 from streambars.store.recovery import clear_open_flags, lookup3, read_superblock
 from streambars.store.writer import as_bars
 from streambars.timeframes import STANDARD_TIMEFRAMES, Session, parse_timeframes
@@ -62,7 +62,7 @@ def test_symbol_escaping_round_trips_and_is_a_plain_file_name(symbol):
 
 
 def test_file_has_the_contract_every_timeframe_and_meta_before_any_row(tmp_path):
-    with writer(tmp_path, tfs=parse_timeframes(list(STANDARD_TIMEFRAMES))) as w:
+    with writer(tmp_path, tfs=parse_timeframes(list(STANDARD_TIMEFRAMES)), chunk_rows=4096) as w:
         assert w.high_water_marks() == {tf: -1 for tf in STANDARD_TIMEFRAMES}
         assert w.read_meta("engine_state") is None
     path = file_path(tmp_path, "GLBX.MDP3", "ES.c.0")
@@ -79,9 +79,26 @@ def test_file_has_the_contract_every_timeframe_and_meta_before_any_row(tmp_path)
             ds = f["bars"][tf]
             assert ds.dtype == BAR_DTYPE and ds.maxshape == (None,) and ds.compression is None
             assert ds.chunks[0] == ds.attrs["index_stride"]
-        assert f["bars/1s"].chunks == (256,) and f["bars/1d"].chunks == (64,)
+            # Whole 4 KiB pages (a chunk of 1024 52-byte rows is 13): page-aligned chunks leave no gap.
+            assert ds.chunks[0] * BAR_DTYPE.itemsize % PAGE == 0, (tf, ds.chunks)
+        # The default 4096 rows for the finest timeframe; coarser ones fewer, but never under 1024.
+        assert {tf: f["bars"][tf].chunks[0] for tf in STANDARD_TIMEFRAMES} == {
+            tf: 4096 if tf == "1s" else 1024 for tf in STANDARD_TIMEFRAMES}
         assert f[HWM].shape == (16,) and f["meta/engine_state"].shape[0] == 2
     assert read_superblock(path).version == 3  # libver v110
+
+
+@pytest.mark.parametrize("chunk_rows", [1024, 4096, 5120, 65_536, 999_424])
+@pytest.mark.parametrize("finest", ["1s", "1min"])
+def test_every_chunk_the_config_allows_is_whole_pages(chunk_rows, finest):
+    # Each chunk starts on a page (layout.FILE_SPACE): whole pages leave no gap after it.
+    tfs = [tf for tf in parse_timeframes(list(STANDARD_TIMEFRAMES)) if tf.seconds >= parse_timeframes([finest])[0].seconds]
+    rows = chunk_rows_by_timeframe(tfs, chunk_rows)
+    assert rows[finest] == chunk_rows
+    sizes = [rows[tf.name] for tf in sorted(tfs)]
+    assert sizes == sorted(sizes, reverse=True)  # fewer rows for coarser timeframes
+    assert min(sizes) >= 1024
+    assert all(r * BAR_DTYPE.itemsize % PAGE == 0 for r in sizes), rows
 
 
 def test_append_is_idempotent_and_returns_rows_written(tmp_path):
@@ -427,23 +444,56 @@ def test_compact_rewrites_closed_files_and_refuses_locked_ones(tmp_path):
     assert not [p for p in es.parent.iterdir() if ".compact-" in p.name or ".creating-" in p.name]
 
 
+def closing_bars(tfs, i0: int, i1: int) -> dict[str, np.ndarray]:
+    """The 1s bars of seconds i0..i1-1 and every coarser bar that closes with one of them."""
+    out = {"1s": stepped(1, i0, i1)}
+    for tf in tfs[1:]:
+        j0, j1 = -(-(i0 + 1) // tf.seconds) - 1, i1 // tf.seconds  # bars closing in (i0, i1]
+        if j1 > j0:
+            out[tf.name] = stepped(tf.seconds, j0, j1)
+    return out
+
+
+def chunk_bytes(f: h5py.File) -> int:
+    """Bytes HDF5 allocated to the chunks of every dataset (what is not chunks is metadata, or gaps)."""
+    sizes: list[int] = []
+    f.visititems(lambda _, o: sizes.append(o.id.get_storage_size()) if isinstance(o, h5py.Dataset) else None)
+    return sum(sizes)
+
+
 def test_bytes_on_disk_per_bar_stay_within_twice_the_row_size(tmp_path):
-    # Two hours of the daemon's pattern: one 1s bar per append, every coarser timeframe's
-    # bar as it closes, a flush per append. (bench/store.py runs the full day.)
+    # A day of bars in 16 timeframes: the first half hour in the daemon's pattern (one 1s bar
+    # per append, every coarser bar as it closes, a flush per append), the rest ten minutes per
+    # append. A day, not less: a file's first chunk of each coarse timeframe (1024 rows, 13
+    # pages) is allocated whole with its first bar, which a short file does not amortise.
+    # (bench/store.py runs the day one second per append.)
     tfs = parse_timeframes(list(STANDARD_TIMEFRAMES))
-    seconds = 2 * 3600
+    day, daemon = 86_400, 1800
     total = 0
     with writer(tmp_path, tfs=tfs, chunk_rows=4096) as w:
-        for i in range(seconds):
-            batch = {"1s": stepped(1, i, i + 1)}
-            for tf in tfs[1:]:
-                if (i + 1) % tf.seconds == 0:
-                    j = (i + 1) // tf.seconds - 1
-                    batch[tf.name] = stepped(tf.seconds, j, j + 1)
-            total += sum(w.append(batch).values())
+        for i in range(daemon):
+            total += sum(w.append(closing_bars(tfs, i, i + 1)).values())
+        early_size, early_chunks = os.path.getsize(w.path), chunk_bytes(w._f)
+        for i in range(daemon, day, 600):
+            total += sum(w.append(closing_bars(tfs, i, i + 600)).values())
         path = w.path
-    per_row = os.path.getsize(path) / total
-    assert per_row <= 2 * BAR_DTYPE.itemsize, f"{per_row:.1f} bytes per {BAR_DTYPE.itemsize}-byte row"
+    size = os.path.getsize(path)
+    assert size / total <= 2 * BAR_DTYPE.itemsize, f"{size / total:.1f} bytes per {BAR_DTYPE.itemsize}-byte row"
+    with h5py.File(path, "r") as f:
+        for tf in tfs:  # what chunk_bytes counts for bars: rows rounded up to whole chunks
+            ds = f["bars"][tf.name]
+            assert ds.shape[0] == day // tf.seconds
+            assert ds.id.get_storage_size() == -(-ds.shape[0] // ds.chunks[0]) * ds.chunks[0] * BAR_DTYPE.itemsize
+        chunks = chunk_bytes(f)
+    # What a new file costs once, beside its chunks: every dataset's metadata blocks take a
+    # page each (layout.FILE_SPACE, so that a kill cannot tear them), at most 4 pages per
+    # dataset -- after 1800 flushes too: a flush leaks nothing.
+    datasets = 2 * len(tfs) + 1 + len(META_BLOBS)
+    assert early_size - early_chunks <= 4 * PAGE * datasets, f"{early_size - early_chunks} bytes not in chunks"
+    # As the file grows, it grows by its chunks: each chunk is whole pages, so the aligned
+    # allocation leaves no gap after it (64-row chunks, 3.3 kB in a 4 kB page, made this ~6%).
+    grown, other = chunks - early_chunks, (size - chunks) - (early_size - early_chunks)
+    assert other <= 0.02 * grown, f"{other} bytes besides {grown} bytes of chunks"
 
 
 def test_writer_in_a_process_that_reads_the_file_says_why_it_cannot_open(tmp_path):

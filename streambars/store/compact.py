@@ -21,7 +21,7 @@ import h5py
 from ..errors import DamagedFileError, StoreError, StoreLockedError, UsageError
 from ..fsio import file_size, replace_file
 from ..observe import Progress
-from .layout import BARS, LIBVER, SUFFIX, remove_stale_temps, store_files, temp_path
+from .layout import BARS, LIBVER, SUFFIX, file_space, remove_stale_temps, store_files, temp_path
 from .lock import FileLock
 from .probe import check_writable
 from .recovery import recover_file
@@ -51,20 +51,13 @@ def rewrite_file(path: Path, compression: str | None,
     before = os.path.getsize(path)
     tmp = temp_path(path, "compact")
     try:
-        with h5py.File(path, "r", locking=False) as src, h5py.File(tmp, "w", libver=LIBVER, locking=False) as dst:
+        with h5py.File(path, "r", locking=False) as src:
             if BARS not in src:
                 raise StoreError(f"{path} is not a streambars bar file (no /{BARS} group)")
-            dst.attrs.update(src.attrs)
-            sizes: list[int] = []
-            src.visititems(lambda _, obj: sizes.append(obj.nbytes) if isinstance(obj, h5py.Dataset) else None)
-            done, total = [0], max(sum(sizes), 1)
-
-            def step(n: int) -> None:
-                done[0] += n
-                if copied is not None:
-                    copied(min(done[0] / total, 1.0))
-
-            src.visititems(lambda name, obj: _copy(name, obj, dst, filters, step))
+            # An uncompressed copy may be appended to again: placed as its writers place it.
+            space = {} if filters else file_space(src)
+            with h5py.File(tmp, "w", libver=LIBVER, locking=False, **space) as dst:
+                _copy_file(src, dst, filters, copied)
         replace_file(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
@@ -73,6 +66,21 @@ def rewrite_file(path: Path, compression: str | None,
         tmp.unlink(missing_ok=True)
         raise
     return before, os.path.getsize(path)
+
+
+def _copy_file(src: h5py.File, dst: h5py.File, filters: dict[str, object],
+               copied: Callable[[float], None] | None) -> None:
+    dst.attrs.update(src.attrs)
+    sizes: list[int] = []
+    src.visititems(lambda _, obj: sizes.append(obj.nbytes) if isinstance(obj, h5py.Dataset) else None)
+    done, total = [0], max(sum(sizes), 1)
+
+    def step(n: int) -> None:
+        done[0] += n
+        if copied is not None:
+            copied(min(done[0] / total, 1.0))
+
+    src.visititems(lambda name, obj: _copy(name, obj, dst, filters, step))
 
 
 def _copy(name: str, obj: h5py.Group | h5py.Dataset, dst: h5py.File, filters: dict[str, object],

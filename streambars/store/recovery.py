@@ -29,7 +29,7 @@ import numpy as np
 
 from ..errors import DamagedFileError, StoreError
 from ..observe import get_logger
-from .layout import BARS, HWM, INDEX, LIBVER, file_timeframes
+from .layout import BARS, HWM, INDEX, LIBVER, file_space_of, file_timeframes
 
 log = get_logger("streambars.store")
 
@@ -248,7 +248,8 @@ def recover_file(path: Path) -> bool:
     if not clear_open_flags(path):
         return False
     try:
-        with h5py.File(path, "r+", libver=LIBVER, locking=False) as f:
+        space = file_space_of(path)
+        with h5py.File(path, "r+", libver=LIBVER, locking=False, **space) as f:
             repair_contents(f, path)
     except OSError as e:
         raise StoreError(f"cannot repair {path}: {e}") from e

@@ -31,6 +31,7 @@ from ..version import __version__
 from .gather import count_tagged, scatter_rows, scatter_tagged
 from .layout import (
     BARS,
+    FILE_SPACE,
     HWM,
     INDEX,
     LIBVER,
@@ -39,6 +40,7 @@ from .layout import (
     check_contract,
     create_layout,
     file_path,
+    file_space,
     file_timeframes,
     read_blob,
     remove_stale_temps,
@@ -195,16 +197,21 @@ class BarFileWriter:
             # Repair only what a crash leaves; anything else is refused before a byte changes.
             check_writable(self.path)
         clear_open_flags(self.path)
-        if not created and _compressed(self.path):
+        compressed, space = (False, FILE_SPACE) if created else _existing_layout(self.path)
+        if compressed:
             from .compact import rewrite_file
 
             log.warning("store.decompressing", path=str(self.path),
                         why="a compacted file is being appended to again; compressed chunks "
                         "flushed every batch under SWMR would leak space")
             rewrite_file(self.path, compression=None)
+        if not space:
+            log.info("store.made_before_page_alignment", path=str(self.path),
+                     note="appended as it was made (HDF5's default placement): a kill -9 mid-flush "
+                     "can tear its metadata; `streambars repair FILE` rebuilds it in today's layout")
         try:
             f = h5py.File(self.path, "r+", libver=LIBVER, locking=False,
-                          rdcc_nbytes=writer_chunk_cache_bytes(self.chunk_rows))
+                          rdcc_nbytes=writer_chunk_cache_bytes(self.chunk_rows), **space)
         except OSError as e:
             hint = ""
             if "already open for read-only" in str(e):
@@ -235,7 +242,7 @@ class BarFileWriter:
         while creating never leaves a half-made file under the real name."""
         tmp = temp_path(self.path, "creating")
         try:
-            with h5py.File(tmp, "w", libver=LIBVER, locking=False) as f:
+            with h5py.File(tmp, "w", libver=LIBVER, locking=False, **FILE_SPACE) as f:
                 create_layout(
                     f, dataset=self.dataset, symbol=self.symbol, stype=self.stype,
                     timeframes=self._requested, session=self.session,
@@ -684,9 +691,10 @@ def _sum_counts(given: list[np.ndarray | None], nseries: int, ntf: int) -> np.nd
     return total.ravel()
 
 
-def _compressed(path: Path) -> bool:
+def _existing_layout(path: Path) -> tuple[bool, dict[str, int]]:
+    """(whether a bar dataset is compressed, the placement keywords its writers open it with)."""
     try:
         with h5py.File(path, "r", locking=False) as f:
-            return any(ds.compression is not None for ds in f[BARS].values())
+            return any(ds.compression is not None for ds in f[BARS].values()), file_space(f)
     except (OSError, KeyError):
-        return False
+        return False, FILE_SPACE  # the open below says what is wrong
