@@ -175,10 +175,10 @@ class Aggregator:
         st[: K.N_HEADER] = self._head
         st[K.H_SERIES] = n_series
         st[K.H_CFG], st[K.H_BOUNDS], st[K.H_LV], st[K.H_SER] = off["cfg"], off["bounds"], off["lv"], off["ser"]
-        st[K.H_KIDS] = off["kids"]
+        st[K.H_KIDS], st[K.H_SCRATCH] = off["kids"], off["scratch"]
         st[off["cfg"]:off["bounds"]] = self._cfg.ravel()
         st[off["bounds"]:off["kids"]] = self._bounds
-        st[off["kids"]:off["lv"]] = self._kids
+        st[off["kids"]:off["scratch"]] = self._kids
         self._st = st
         self._lv = st[off["lv"]:off["ser"]].reshape(n_series, n, K.N_LEVEL_FIELDS)  # views of st
         self._ser = st[off["ser"]:].reshape(n_series, K.N_SERIES_FIELDS)
