@@ -205,7 +205,8 @@ class Aggregator:
     # -- feeding ---------------------------------------------------------------------------
 
     def process(self, batch: RecordBatch) -> BarBatch:
-        """Fold a batch in; returns the bars it closed, in closing order.
+        """Fold a batch in; returns the bars it closed, each (series, timeframe) in time order
+        (across timeframes in no set order: a run of 1s bars comes out level by level).
 
         Raises :class:`RuleViolationError` (with ``.bars``: the bars closed before the bad
         record, ``.index``: its position in the batch) when a rule with policy fail is broken;

@@ -32,10 +32,13 @@ invariant that every running bar contains the series' clock.
 That is the general path. With one root level, the records of a series that follow one
 another take a run loop instead, the running bars held in registers and written back once
 (:func:`_run_root`: records into the root's bar, which they close and open; :func:`_run_single`:
-input bars at the one level's interval; :func:`_run_exact`: input bars at the finest level's
-interval, each closing the previous one into level 1, the cascade entered only at level 1's
-end). A run hands every other record back to the general path, so the bars and the state
-are the general path's (tests/test_engine_runs_diff.py).
+input bars at the one level's interval; :func:`_run_passes`: input bars at the finest level's
+interval, by segments level by level, each level's closed bars from its source's just
+written; :func:`_run_exact`, each record closing the previous one into level 1 and the
+cascade entered at level 1's end, where a segment could overflow). A run hands every other
+record back to the general path, so the bars and the state are the general path's
+(tests/test_engine_runs_diff.py, tests/test_engine_passes.py); only the order across
+timeframes differs: a segment's bars come out level by level, each level in time order.
 
 Volumes are uint64 sums and saturate at 2**64 - 1 instead of wrapping (rule volume_overflow).
 A record whose own volume would overflow a running root bar is checked before anything
