@@ -26,8 +26,10 @@ from .test_engine_runs_diff import RealTwin
 
 S = 1_000_000_000
 TICK = 250_000_000
-#: mostly 1 s apart, as ES 1s bars are; a few gaps past 5s, 1min, 1h, a day
-GAPS = np.array([1] * 12 + [2, 3, 4, 5, 6, 11, 59, 61, 299, 3_601, 14_401, 86_400, 3 * 86_400])
+#: steps between a series' records: mostly 1 s, as ES 1s bars are, and gaps past 5s, 1min,
+#: 1h, a day, a weekend (rare enough that a day holds ~1,000 records)
+GAPS = np.array([1, 2, 3, 4, 5, 6, 11, 59, 61, 299, 3_601, 14_401, 86_400, 3 * 86_400])
+GAP_P = np.array([0.8, 0.07, 0.04, 0.03, 0.02, 0.01, 0.01, 0.004, 0.004, 0.004, 0.001, 0.001, 0.0005, 0.0005])
 
 LADDERS = [
     list(STANDARD_TIMEFRAMES),
@@ -47,7 +49,7 @@ def clean_stream(rng: np.random.Generator, n: int, n_series: int, dirt: float, h
     series = np.resize(series, n).astype(np.int32)
     clock = np.full(n_series, START + int(rng.integers(0, 86_400)) * S, np.int64)
     ts = np.empty(n, np.int64)
-    steps = rng.choice(GAPS, n) * S
+    steps = rng.choice(GAPS, n, p=GAP_P / GAP_P.sum()) * S
     for i, s in enumerate(series):
         clock[s] += steps[i]
         ts[i] = clock[s]
@@ -86,7 +88,7 @@ def test_segments_equal_the_frozen_kernel(ladder, case):
     rng = np.random.default_rng(ladder * 10 + len(case))
     twin = PassTwin(rng, LADDERS[ladder], 64 if case == "tiny-buffer" else 65_536, case == "fail")
     dirt = {"clean": 0.0, "huge": 0.0, "tiny-buffer": 0.001}.get(case, 0.002)
-    batch = clean_stream(rng, 24_000, [1, 2, 3][ladder % 3], dirt, 0.0005 if case in ("huge", "fail") else 0.0)
+    batch = clean_stream(rng, 24_000, [1, 2, 3][ladder % 3], dirt, 0.001 if case in ("huge", "fail") else 0.0)
     drive(twin, rng, batch, [1, 7, 64, 500, 4_000, 10_000, 24_000])
 
 
@@ -105,16 +107,19 @@ def test_any_split_of_a_long_run_equals_the_frozen_kernel(seed, ladder, cuts):
 
 
 def test_a_count_near_the_outputs_uint32_leaves_the_run_to_the_old_loop():
-    """A running 5s bar's count near 2**32 (restored state: no stream of that size in a test):
+    """A running 1h bar's count near 2**32 (restored state: no stream of that size in a test):
     its closed bar's count field wraps, and a pass reading it would fold the wrapped count into
-    10s; segments stop before that, and the old loop folds the state's int64 count."""
+    2h; segments stop before that, and the old loop folds the state's int64 count."""
     rng = np.random.default_rng(5)
     twin = PassTwin(rng, list(STANDARD_TIMEFRAMES), 65_536, False)
     batch = clean_stream(rng, 20_000, 1, 0.0, 0.0)
-    twin.check(*twin.both("process", batch.slice(0, 5_000)), "first")
+    hour = [t.name for t in twin.new.timeframes].index("1h")
+    i = 0
+    while not twin.new.get_series_state(0)["levels"][hour, K.L_ACTIVE]:  # up to a running 1h bar
+        twin.check(*twin.both("process", batch.slice(i, i + 100)), f"process [{i}, {i + 100})")
+        i += 100
     for agg in (twin.new, twin.old):
         state = agg.get_series_state(0)
-        assert state["levels"][1, K.L_ACTIVE]
-        state["levels"][1, K.L_COUNT] = 2**32 - 2
+        state["levels"][hour, K.L_COUNT] = 2**32 - 2
         agg.set_series_state(0, state)
-    drive(twin, rng, batch.slice(5_000, 20_000), [500, 4_000, 15_000])
+    drive(twin, rng, batch.slice(i, len(batch)), [500, 4_000, 15_000])

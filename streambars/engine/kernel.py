@@ -750,6 +750,16 @@ def _follow(run, series, ts, op, hi, lo, cl, vol, i, n, s, st, base, sb, cfg, ou
     Returns ``(last record taken, nout, failed)``: the caller's loop steps past it."""
     if run == RUN_NONE or i + 1 >= n or series[_U(i + 1)] != s or st[_U(base + L_ACTIVE)] == 0:
         return i, nout, False
+    return _run(run, series, ts, op, hi, lo, cl, vol, i, n, s, st, base, sb, cfg, out, nout, n_levels,
+                max_volume, interval, tz, inv, lim, low, fail_mask)
+
+
+@numba.njit(cache=True, _nrt=False)
+def _run(run, series, ts, op, hi, lo, cl, vol, i, n, s, st, base, sb, cfg, out, nout, n_levels,
+         max_volume, interval, tz, inv, lim, low, fail_mask):
+    """:func:`_follow`'s run loop. Not inlined: aggregate() enters runs from two places, and
+    inlining the run loops into both compiled them twice, most of the kernel's cold compile;
+    a call costs tens of ns once a run, a one-record call none (_follow checks first)."""
     if run == RUN_ROOT:
         j, nout, failed = _run_root(series, ts, op, hi, lo, cl, vol, i + 1, n, s, st, base, sb, cfg,
                                     out, nout, n_levels, max_volume, interval, tz, inv, lim, low, fail_mask)
