@@ -80,8 +80,16 @@ def reference_bars(
 
 
 def sort_bars(bars: np.ndarray) -> np.ndarray:
-    """Bars ordered by series, timeframe, ts_event (the engine emits them in closing order)."""
+    """Bars ordered by series, timeframe, ts_event (the engine promises time order per
+    series and timeframe only)."""
     return bars[np.lexsort((bars["ts_event"], bars["timeframe"], bars["series"]))]
+
+
+def by_key(bars: np.ndarray) -> np.ndarray:
+    """Bars grouped by (series, timeframe), each group in the order given (a stable sort, so
+    a group out of time order stays out of order): how two runs of the engine compare, as it
+    promises time order per (series, timeframe), not across timeframes."""
+    return bars[np.lexsort((bars["timeframe"], bars["series"]))]
 
 
 def diff_bars(got: np.ndarray, want: np.ndarray, names=None) -> str:

@@ -1,5 +1,6 @@
 """The kernel with its run loops equals the kernel before them (a frozen copy, engine_kernel_v2)
-bar for bar, in emission order, and state word for state word: on random streams with runs of
+bar for bar, each (series, timeframe) in emission order (the frozen kernel emits in closing
+order, the level-by-level passes each level's bars together), and state word for state word: on random streams with runs of
 one series, ties, late, misaligned and broken records, huge volumes, flushes, fail policies
 and random batch splits, at 1..16 timeframes (daily bars and roots like 7s/13s included)."""
 
@@ -16,6 +17,7 @@ from streambars.rules import RECORD_RULE_NAMES
 from streambars.timeframes import STANDARD_TIMEFRAMES, Session
 
 from . import engine_kernel_v2 as frozen
+from .reference import by_key
 
 S = 1_000_000_000
 TICK = 250_000_000
@@ -115,7 +117,7 @@ class Twin:
         if isinstance(new, RuleViolationError):
             assert (new.rule, new.index, new.series_index, new.ts_event) == (old.rule, old.index, old.series_index, old.ts_event), where
             new, old = new.bars, old.bars
-        assert new.bars.tobytes() == old.bars.tobytes(), (where, self.label)
+        assert by_key(new.bars).tobytes() == by_key(old.bars).tobytes(), (where, self.label)
         a, b = self.new.get_state(), self.old.get_state()
         for key in a:
             assert np.array_equal(a[key], b[key]), (where, key, self.label)

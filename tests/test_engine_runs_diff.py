@@ -5,8 +5,10 @@ and state word for state word, with the frozen kernel really called.
 ``engine._aggregate``, for plain columns: Twin swaps both (it once swapped only the latter,
 so its two aggregators ran the current kernel; test_the_frozen_kernel_is_called guards
 that). test_engine_kernel_diff runs random set-ups; the set-ups here aim at the run loops:
-1s alone (_run_single), 1s + 5s (_run_exact with no cascade), 1s..1d (_run_exact and its
-cascade), 1s with two children of 1s (no run loop), a 1s..1d ladder with 7s/13s roots.
+1s alone (_run_single), 1s + 5s (_run_passes' segments with no coarser pass), 1s..1d
+(segments and passes; _run_exact where a huge volume could wrap), 1s with two children of 1s
+(no run loop), a 1s..1d ladder with 7s/13s roots. Bars compare per (series, timeframe): see
+test_engine_kernel_diff. test_engine_passes aims at the segments with long clean runs.
 """
 
 from __future__ import annotations

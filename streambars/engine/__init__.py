@@ -175,10 +175,10 @@ class Aggregator:
         st[: K.N_HEADER] = self._head
         st[K.H_SERIES] = n_series
         st[K.H_CFG], st[K.H_BOUNDS], st[K.H_LV], st[K.H_SER] = off["cfg"], off["bounds"], off["lv"], off["ser"]
-        st[K.H_KIDS] = off["kids"]
+        st[K.H_KIDS], st[K.H_SCRATCH] = off["kids"], off["scratch"]
         st[off["cfg"]:off["bounds"]] = self._cfg.ravel()
         st[off["bounds"]:off["kids"]] = self._bounds
-        st[off["kids"]:off["lv"]] = self._kids
+        st[off["kids"]:off["scratch"]] = self._kids
         self._st = st
         self._lv = st[off["lv"]:off["ser"]].reshape(n_series, n, K.N_LEVEL_FIELDS)  # views of st
         self._ser = st[off["ser"]:].reshape(n_series, K.N_SERIES_FIELDS)
@@ -205,7 +205,8 @@ class Aggregator:
     # -- feeding ---------------------------------------------------------------------------
 
     def process(self, batch: RecordBatch) -> BarBatch:
-        """Fold a batch in; returns the bars it closed, in closing order.
+        """Fold a batch in; returns the bars it closed, each (series, timeframe) in time order
+        (across timeframes in no set order: a run of 1s bars comes out level by level).
 
         Raises :class:`RuleViolationError` (with ``.bars``: the bars closed before the bad
         record, ``.index``: its position in the batch) when a rule with policy fail is broken;

@@ -32,10 +32,13 @@ invariant that every running bar contains the series' clock.
 That is the general path. With one root level, the records of a series that follow one
 another take a run loop instead, the running bars held in registers and written back once
 (:func:`_run_root`: records into the root's bar, which they close and open; :func:`_run_single`:
-input bars at the one level's interval; :func:`_run_exact`: input bars at the finest level's
-interval, each closing the previous one into level 1, the cascade entered only at level 1's
-end). A run hands every other record back to the general path, so the bars and the state
-are the general path's (tests/test_engine_runs_diff.py).
+input bars at the one level's interval; :func:`_run_passes`: input bars at the finest level's
+interval, by segments level by level, each level's closed bars from its source's just
+written; :func:`_run_exact`, each record closing the previous one into level 1 and the
+cascade entered at level 1's end, where a segment could overflow). A run hands every other
+record back to the general path, so the bars and the state are the general path's
+(tests/test_engine_runs_diff.py, tests/test_engine_passes.py); only the order across
+timeframes differs: a segment's bars come out level by level, each level in time order.
 
 Volumes are uint64 sums and saturate at 2**64 - 1 instead of wrapping (rule volume_overflow).
 A record whose own volume would overflow a running root bar is checked before anything
@@ -62,9 +65,13 @@ from ..rules import N_RECORD_RULES, TS_MISALIGNED, VOLUME_OVERFLOW, record_viola
 
 # header st[H_*]
 (H_LEVELS, H_SERIES, H_CFG, H_BOUNDS, H_NBOUNDS, H_LV, H_SER, H_INTERVAL, H_MAX_VOLUME,
- H_LAST_ROOT, H_DROP_MASK, H_FAIL_MASK, H_MODE, H_UNTIL, H_FOLD_OVERFLOW, H_KIDS) = range(16)
+ H_LAST_ROOT, H_DROP_MASK, H_FAIL_MASK, H_MODE, H_UNTIL, H_FOLD_OVERFLOW, H_KIDS, H_SCRATCH) = range(17)
 MODE_RECORDS, MODE_FLUSH, MODE_FINISH = 0, 1, 2  # st[H_MODE]: what aggregate() does
-N_HEADER = 16
+N_HEADER = 17
+
+# scratch rows (per level, written and read within one segment of _run_passes)
+X_FIRST, X_END, X_CLOSE = range(3)
+N_SCRATCH_FIELDS = 3
 
 # cfg rows
 C_NANOS, C_DAILY, C_SOURCE, C_CHILDREN, C_MARK = range(5)
@@ -108,9 +115,10 @@ def layout(n_levels: int, n_bounds: int, n_series: int) -> dict[str, int]:
     cfg = N_HEADER
     bounds = cfg + n_levels * N_CFG_FIELDS
     kids = bounds + n_bounds
-    lv = kids + n_levels
+    scratch = kids + n_levels
+    lv = scratch + n_levels * N_SCRATCH_FIELDS
     ser = lv + n_series * n_levels * N_LEVEL_FIELDS
-    return {"cfg": cfg, "bounds": bounds, "kids": kids, "lv": lv, "ser": ser, "size": ser + n_series * N_SERIES_FIELDS}
+    return {"cfg": cfg, "bounds": bounds, "kids": kids, "scratch": scratch, "lv": lv, "ser": ser, "size": ser + n_series * N_SERIES_FIELDS}
 
 
 @numba.njit(cache=True, inline="always", _nrt=False)
@@ -563,6 +571,177 @@ def _run_exact(series, ts, op, hi, lo, cl, vol, i, n, s, st, b, sb, c1, out, nou
     return j, nout, failed
 
 
+#: records a segment of :func:`_run_passes` takes at most: its bars stay in the cache between
+#: the passes, and every bar's count fits the output's uint32 (see _segment's guard)
+MAX_SEGMENT = 8192
+#: why a segment stopped: a record the run loops do not take (or the batch end), the output
+#: buffer's room, or a volume or count that could overflow a coarser level (_run_exact then)
+SEG_RECORD, SEG_ROOM, SEG_RISK = range(3)
+
+
+@numba.njit(cache=True, inline="always", _nrt=False)
+def _pass(st, s, k, b, c, out, r0, r1, close, w):
+    """Level ``k`` (its running bar at ``st[b:]``, cfg row ``c``) from its source's closed bars
+    ``out[r0:r1]`` (time order): each is folded into the running bar held in locals, which
+    closes when the time that closed the source bar reaches its end; its closed bars go to
+    ``out[w:]``. The source bar after bar q started at floor(the time that closed q) on the
+    source's grid, and a level's end is on that grid, so the next bar's start stands for that
+    time; the last one's is ``close``. Returns (w, the time that closed level k's last bar)."""
+    nanos, daily = st[_U(c + C_NANOS)], st[_U(c + C_DAILY)]
+    a, start, end = st[_U(b + L_ACTIVE)], st[_U(b + L_START)], st[_U(b + L_END)]
+    o, h, lw, cl = st[_U(b + L_OPEN)], st[_U(b + L_HIGH)], st[_U(b + L_LOW)], st[_U(b + L_CLOSE)]
+    v, cnt = np.uint64(st[_U(b + L_VOLUME)]), st[_U(b + L_COUNT)]
+    last = close
+    for q in range(r0, r1):
+        row = out[_U(q)]
+        if a == 0:
+            start, end = bucket(st, row.ts_event, nanos, daily, end)
+            a = 1
+            o, h, lw, v, cnt = row.open, row.high, row.low, row.volume, np.int64(row.count)
+        else:
+            h = max(h, row.high)
+            lw = min(lw, row.low)
+            v += row.volume
+            cnt += np.int64(row.count)
+        cl = row.close
+        x = out[_U(q + 1)].ts_event if q + 1 < r1 else close
+        if x >= end:
+            w = _put(out, w, s, k, start, o, h, lw, cl, v, cnt)
+            a = 0
+            last = x
+    st[_U(b + L_ACTIVE)] = a
+    _set_bar(st, b, start, end, o, h, lw, cl, v, cnt)
+    return w, last
+
+
+@numba.njit(cache=True, inline="always", _nrt=False)
+def _segment(series, ts, op, hi, lo, cl, vol, i, n, s, st, b, sb, c1, out, nout, n_levels,
+             vmax, interval, tz, inv, lim, low):
+    """Records ``i..`` of series ``s`` under :func:`_run_exact`'s conditions, level by level:
+    one loop over the records folds the finest bars into level 1 (held in locals) and writes
+    level 1's closed bars; then each coarser level, in ascending order, one loop over its
+    source's closed bars (:func:`_pass`); then the finest closed bars, copied from the input.
+    So each level's bars come out together, in time order. The arena ends as _run_exact
+    leaves it: every level's running bar (or the last closed one of an idle level, inactive).
+
+    Taken only while no level's volume can wrap (the largest running volume plus the
+    segment's stays below 2**64) and every count stays below 2**32 (the output's field, which
+    the passes read), and while every level's bar of every record fits ``out``. Returns
+    ``(first record not taken, nout, why)`` with why SEG_RECORD, SEG_ROOM or SEG_RISK."""
+    b1 = b + N_LEVEL_FIELDS
+    cfg = st[_U(H_CFG)]
+    x = st[_U(H_SCRATCH)]
+    t0, e0 = st[_U(b + L_START)], st[_U(b + L_END)]
+    o0, h0, l0, k0 = st[_U(b + L_OPEN)], st[_U(b + L_HIGH)], st[_U(b + L_LOW)], st[_U(b + L_CLOSE)]
+    v0, n0 = np.uint64(st[_U(b + L_VOLUME)]), st[_U(b + L_COUNT)]
+    # the guard: a finer running bar's volume flows into every coarser one, so acc (all the
+    # running volumes and the segment's records) bounds every level's volume to the segment's
+    # end; likewise counts, which stay < 2**31 + MAX_SEGMENT
+    acc = v0
+    big = n0
+    for k in range(1, n_levels):
+        bk = b + k * N_LEVEL_FIELDS
+        if st[_U(bk + L_ACTIVE)] != 0:
+            summed = acc + np.uint64(st[_U(bk + L_VOLUME)])
+            if summed < acc:
+                return i, nout, SEG_RISK
+            acc = summed
+            big += min(st[_U(bk + L_COUNT)], np.int64(1) << 31)  # < 2**37: no wrap
+    if big >= (1 << 31) or n0 >= (1 << 31):
+        return i, nout, SEG_RISK
+    cap = out.shape[0]
+    stop = min(n, i + min(MAX_SEGMENT, (cap - nout) // n_levels))
+    if stop <= i:
+        return i, nout, SEG_ROOM
+    nanos1, daily1 = st[_U(c1 + C_NANOS)], st[_U(c1 + C_DAILY)]
+    s1, e1 = st[_U(b1 + L_START)], st[_U(b1 + L_END)]
+    idle1 = st[_U(b1 + L_ACTIVE)] == 0
+    if idle1:
+        s1, e1 = bucket(st, t0, nanos1, daily1, e1)
+        o1, h1, l1, k1, v1, n1 = o0, I64_MIN, I64_MAX, k0, np.uint64(0), np.int64(0)
+    else:
+        o1, h1, l1, k1 = st[_U(b1 + L_OPEN)], st[_U(b1 + L_HIGH)], st[_U(b1 + L_LOW)], st[_U(b1 + L_CLOSE)]
+        v1, n1 = np.uint64(st[_U(b1 + L_VOLUME)]), st[_U(b1 + L_COUNT)]
+    first = (t0, o0, h0, l0, k0, v0, n0)  # the finest bar running on entry: the first one closed
+    why = SEG_ROOM if stop < n else SEG_RECORD
+    w = nout
+    close1 = np.int64(0)
+    j = i
+    while j < stop:
+        uj = _U(j)
+        t = ts[uj]
+        o, h, lw, c, v = op[uj], hi[uj], lo[uj], cl[uj], vol[uj]
+        if not ((series[uj] == s) & _clean_exact(t, e0, o, h, lw, c, v, vmax, tz, inv, lim, low)):
+            why = SEG_RECORD
+            break
+        summed = acc + v
+        if summed < acc:
+            why = SEG_RISK
+            break
+        acc = summed
+        # the finest bar closes and folds into level 1
+        v1 += v0
+        h1 = max(h1, h0)
+        l1 = min(l1, l0)
+        n1 += n0
+        k1 = k0
+        idle1 = False
+        if t >= e1:  # level 1 closes: its bar to out, the arena as _emit leaves it
+            w = _put(out, w, s, 1, s1, o1, h1, l1, k1, v1, n1)
+            st[_U(b1 + L_ACTIVE)] = 0
+            _set_bar(st, b1, s1, e1, o1, h1, l1, k1, v1, n1)
+            close1 = t
+            s1, e1 = bucket(st, t, nanos1, daily1, e1)
+            o1, h1, l1, v1, n1, idle1 = o, I64_MIN, I64_MAX, np.uint64(0), np.int64(0), True
+        t0, e0, o0, h0, l0, k0, v0, n0 = t, t + interval, o, h, lw, c, v, 1
+        j += 1
+    if j == i:
+        return i, nout, why
+    st[_U(x + N_SCRATCH_FIELDS + X_FIRST)] = nout
+    st[_U(x + N_SCRATCH_FIELDS + X_END)] = w
+    st[_U(x + N_SCRATCH_FIELDS + X_CLOSE)] = close1
+    for k in range(2, n_levels):
+        c = cfg + k * N_CFG_FIELDS
+        src = x + st[_U(c + C_SOURCE)] * N_SCRATCH_FIELDS
+        r0, r1 = st[_U(src + X_FIRST)], st[_U(src + X_END)]
+        xk = x + k * N_SCRATCH_FIELDS
+        st[_U(xk + X_FIRST)] = w
+        if r1 > r0:
+            w, close = _pass(st, s, k, b + k * N_LEVEL_FIELDS, c, out, r0, r1, st[_U(src + X_CLOSE)], w)
+            st[_U(xk + X_CLOSE)] = close
+        st[_U(xk + X_END)] = w
+    # the finest closed bars: the one running on entry, then every record but the last
+    w = _put(out, w, s, 0, first[0], first[1], first[2], first[3], first[4], first[5], first[6])
+    for r in range(i, j - 1):
+        ur = _U(r)
+        w = _put(out, w, s, 0, ts[ur], op[ur], hi[ur], lo[ur], cl[ur], vol[ur], 1)
+    _set_bar(st, b, t0, e0, o0, h0, l0, k0, v0, n0)
+    if not idle1:
+        st[_U(b1 + L_ACTIVE)] = 1
+        _set_bar(st, b1, s1, e1, o1, h1, l1, k1, v1, n1)
+    st[_U(sb + S_LAST)] = t0
+    return j, w, why
+
+
+@numba.njit(cache=True, _nrt=False)
+def _run_passes(series, ts, op, hi, lo, cl, vol, i, n, s, st, b, sb, c1, out, nout, n_levels,
+                max_volume, interval, tz, inv, lim, low, fail_mask):
+    """:func:`_run_exact`'s records taken by segments (:func:`_segment`) while they can be;
+    a segment stopped by a volume or count that could overflow hands the rest of the run to
+    _run_exact. Not inlined: one compiled copy, called once a run (the cold compile of the
+    inlined run loops is most of the kernel's). Returns _run_exact's triple."""
+    vmax = max_volume if max_volume != np.uint64(0) else U64_MAX
+    while True:
+        j, nout, why = _segment(series, ts, op, hi, lo, cl, vol, i, n, s, st, b, sb, c1, out, nout,
+                                n_levels, vmax, interval, tz, inv, lim, low)
+        if why == SEG_RISK:
+            return _run_exact(series, ts, op, hi, lo, cl, vol, j, n, s, st, b, sb, c1, out, nout,
+                              n_levels, max_volume, interval, tz, inv, lim, low, fail_mask)
+        if why == SEG_RECORD or j == i:
+            return j, nout, False
+        i = j
+
+
 @numba.njit(cache=True, inline="always", _nrt=False)
 def _follow(run, series, ts, op, hi, lo, cl, vol, i, n, s, st, base, sb, cfg, out, nout, n_levels,
             max_volume, interval, tz, inv, lim, low, fail_mask):
@@ -571,13 +750,23 @@ def _follow(run, series, ts, op, hi, lo, cl, vol, i, n, s, st, base, sb, cfg, ou
     Returns ``(last record taken, nout, failed)``: the caller's loop steps past it."""
     if run == RUN_NONE or i + 1 >= n or series[_U(i + 1)] != s or st[_U(base + L_ACTIVE)] == 0:
         return i, nout, False
+    return _run(run, series, ts, op, hi, lo, cl, vol, i, n, s, st, base, sb, cfg, out, nout, n_levels,
+                max_volume, interval, tz, inv, lim, low, fail_mask)
+
+
+@numba.njit(cache=True, _nrt=False)
+def _run(run, series, ts, op, hi, lo, cl, vol, i, n, s, st, base, sb, cfg, out, nout, n_levels,
+         max_volume, interval, tz, inv, lim, low, fail_mask):
+    """:func:`_follow`'s run loop. Not inlined: aggregate() enters runs from two places, and
+    inlining the run loops into both compiled them twice, most of the kernel's cold compile;
+    a call costs tens of ns once a run, a one-record call none (_follow checks first)."""
     if run == RUN_ROOT:
         j, nout, failed = _run_root(series, ts, op, hi, lo, cl, vol, i + 1, n, s, st, base, sb, cfg,
                                     out, nout, n_levels, max_volume, interval, tz, inv, lim, low, fail_mask)
     elif run == RUN_EXACT:
-        j, nout, failed = _run_exact(series, ts, op, hi, lo, cl, vol, i + 1, n, s, st, base, sb,
-                                     cfg + N_CFG_FIELDS, out, nout, n_levels, max_volume,
-                                     interval, tz, inv, lim, low, fail_mask)
+        j, nout, failed = _run_passes(series, ts, op, hi, lo, cl, vol, i + 1, n, s, st, base, sb,
+                                      cfg + N_CFG_FIELDS, out, nout, n_levels, max_volume,
+                                      interval, tz, inv, lim, low, fail_mask)
     else:
         j, nout = _run_single(series, ts, op, hi, lo, cl, vol, i + 1, n, s, st, base, sb, out, nout,
                               max_volume, interval, tz, inv, lim, low)
