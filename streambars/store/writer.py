@@ -132,13 +132,18 @@ def writer_chunk_cache_bytes(chunk_rows: int) -> int:
     return 2 * max(int(chunk_rows), 1) * BAR_DTYPE.itemsize
 
 
-def _with_small_cache(f: h5py.File, name: str) -> h5py.Dataset:
-    """``f[name]`` reopened with a chunk cache of two of its own chunks (see above)."""
+def _with_small_cache(f: h5py.File, name: str, bulk: bool = False) -> h5py.Dataset:
+    """``f[name]`` reopened with a chunk cache of two of its own chunks (see above), or with
+    none for a ``bulk`` writer: its slabs' whole chunks then go from the caller's rows to the
+    file without a copy through the cache, and the part-filled chunk a slab ends in is read
+    back by the next slab (measured on a year of backfill: append CPU 1.18-1.33 s against
+    1.33-1.53 s, three interleaved pairs). A writer of a few rows at a time (the daemon)
+    keeps the cache: without it every append would read its chunk back."""
     ds = f[name]
     if not ds.chunks:
         return ds
     dapl = h5p.create(h5p.DATASET_ACCESS)
-    dapl.set_chunk_cache(521, 2 * ds.chunks[0] * ds.dtype.itemsize, 1.0)
+    dapl.set_chunk_cache(521, 0 if bulk else 2 * ds.chunks[0] * ds.dtype.itemsize, 1.0)
     return h5py.Dataset(h5d.open(f.id, name.encode(), dapl))
 
 
@@ -156,8 +161,10 @@ class BarFileWriter:
         session: Session,
         chunk_rows: int = 4096,
         owner: str | None = None,
+        bulk: bool = False,
     ):
         self.path = file_path(root, dataset, symbol)
+        self.bulk = bulk  # appends of large slabs (backfill): no chunk cache, see _with_small_cache
         self.dataset, self.symbol, self.stype = dataset, symbol, stype
         self.session = session
         self.chunk_rows = int(chunk_rows)
@@ -211,7 +218,7 @@ class BarFileWriter:
                      "can tear its metadata; `streambars repair FILE` rebuilds it in today's layout")
         try:
             f = h5py.File(self.path, "r+", libver=LIBVER, locking=False,
-                          rdcc_nbytes=writer_chunk_cache_bytes(self.chunk_rows), **space)
+                          rdcc_nbytes=0 if self.bulk else writer_chunk_cache_bytes(self.chunk_rows), **space)
         except OSError as e:
             hint = ""
             if "already open for read-only" in str(e):
@@ -224,10 +231,10 @@ class BarFileWriter:
         try:
             self.timeframes = file_timeframes(f)
             self._hwm = {n: -1 for n in self.timeframes} if created else repair_contents(f, self.path)
-            self._bars = {n: _with_small_cache(f, f"{BARS}/{n}") for n in self.timeframes}
+            self._bars = {n: _with_small_cache(f, f"{BARS}/{n}", self.bulk) for n in self.timeframes}
             self._io = {n: RowIO(ds) for n, ds in self._bars.items()}
             self._rows = {n: int(ds.shape[0]) for n, ds in self._bars.items()}
-            self._index = {n: _with_small_cache(f, f"{INDEX}/{n}") for n in self.timeframes}
+            self._index = {n: _with_small_cache(f, f"{INDEX}/{n}", self.bulk) for n in self.timeframes}
             self._index_len = {n: int(ds.shape[0]) for n, ds in self._index.items()}
             self._stride = {n: int(ds.attrs["index_stride"]) for n, ds in self._bars.items()}
             self._hwm_ds = f[HWM]
@@ -475,6 +482,7 @@ class StoreWriterSet:
             w = self._writers[symbol] = BarFileWriter(
                 self.root, self.dataset, symbol, stype=self.stype, timeframes=self.timeframes,
                 session=self.session, chunk_rows=self.chunk_rows, owner=self.owner,
+                bulk=self.coalesce_rows > 0,
             )
         return w
 
