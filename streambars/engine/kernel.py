@@ -491,6 +491,21 @@ def _run_single(series, ts, op, hi, lo, cl, vol, i, n, s, st, b, sb, out, nout,
     return j, nout
 
 
+@numba.njit(cache=True, _nrt=False)
+def _level1(st, b1, t0, o0, k0, nanos1, daily1):
+    """Level 1's running bar for a run loop's registers: (idle, start, end, open, high, low,
+    close, volume, count); an idle level 1 as the identity of the fold (high -inf, low +inf,
+    volume and count 0) with the interval of ``t0`` (the finest bar running on entry) and
+    its open and close, so the fold needs no branch on whether it opens the bar."""
+    s1, e1 = st[_U(b1 + L_START)], st[_U(b1 + L_END)]
+    idle1 = st[_U(b1 + L_ACTIVE)] == 0
+    if idle1:
+        s1, e1 = bucket(st, t0, nanos1, daily1, e1)
+        return idle1, s1, e1, o0, I64_MIN, I64_MAX, k0, np.uint64(0), np.int64(0)
+    return (idle1, s1, e1, st[_U(b1 + L_OPEN)], st[_U(b1 + L_HIGH)], st[_U(b1 + L_LOW)],
+            st[_U(b1 + L_CLOSE)], np.uint64(st[_U(b1 + L_VOLUME)]), st[_U(b1 + L_COUNT)])
+
+
 @numba.njit(cache=True, inline="always", _nrt=False)
 def _run_exact(series, ts, op, hi, lo, cl, vol, i, n, s, st, b, sb, c1, out, nout, n_levels,
                max_volume, interval, tz, inv, lim, low, fail_mask):
@@ -515,14 +530,7 @@ def _run_exact(series, ts, op, hi, lo, cl, vol, i, n, s, st, b, sb, c1, out, nou
     nanos1, daily1 = st[_U(c1 + C_NANOS)], st[_U(c1 + C_DAILY)]
     kids1 = st[_U(st[_U(H_KIDS)] + 1)]
     cfg = st[_U(H_CFG)]
-    s1, e1 = st[_U(b1 + L_START)], st[_U(b1 + L_END)]
-    idle1 = st[_U(b1 + L_ACTIVE)] == 0
-    if idle1:
-        s1, e1 = bucket(st, t0, nanos1, daily1, e1)
-        o1, h1, l1, k1, v1, n1 = o0, I64_MIN, I64_MAX, k0, np.uint64(0), np.int64(0)
-    else:
-        o1, h1, l1, k1 = st[_U(b1 + L_OPEN)], st[_U(b1 + L_HIGH)], st[_U(b1 + L_LOW)], st[_U(b1 + L_CLOSE)]
-        v1, n1 = np.uint64(st[_U(b1 + L_VOLUME)]), st[_U(b1 + L_COUNT)]
+    idle1, s1, e1, o1, h1, l1, k1, v1, n1 = _level1(st, b1, t0, o0, k0, nanos1, daily1)
     vmax = max_volume if max_volume != np.uint64(0) else U64_MAX
     last = st[_U(sb + S_LAST)]
     cap = out.shape[0]
@@ -654,14 +662,7 @@ def _segment(series, ts, op, hi, lo, cl, vol, i, n, s, st, b, sb, c1, out, nout,
     if stop <= i:
         return i, nout, SEG_ROOM
     nanos1, daily1 = st[_U(c1 + C_NANOS)], st[_U(c1 + C_DAILY)]
-    s1, e1 = st[_U(b1 + L_START)], st[_U(b1 + L_END)]
-    idle1 = st[_U(b1 + L_ACTIVE)] == 0
-    if idle1:
-        s1, e1 = bucket(st, t0, nanos1, daily1, e1)
-        o1, h1, l1, k1, v1, n1 = o0, I64_MIN, I64_MAX, k0, np.uint64(0), np.int64(0)
-    else:
-        o1, h1, l1, k1 = st[_U(b1 + L_OPEN)], st[_U(b1 + L_HIGH)], st[_U(b1 + L_LOW)], st[_U(b1 + L_CLOSE)]
-        v1, n1 = np.uint64(st[_U(b1 + L_VOLUME)]), st[_U(b1 + L_COUNT)]
+    idle1, s1, e1, o1, h1, l1, k1, v1, n1 = _level1(st, b1, t0, o0, k0, nanos1, daily1)
     first = (t0, o0, h0, l0, k0, v0, n0)  # the finest bar running on entry: the first one closed
     why = SEG_ROOM if stop < n else SEG_RECORD
     w = nout
