@@ -208,5 +208,5 @@ def wait_archived(paths: list[Path] | None = None, check: bool = True) -> None:
         with _LOCK:
             _PENDING.pop(job.dest, None)
         if job.error is not None and check:
-            why = job.error.strerror if isinstance(job.error, OSError) and job.error.strerror else job.error
+            why = getattr(job.error, "strerror", None) or job.error
             raise StoreError(f"cannot keep a copy of the input in the raw archive ({job.dest}): {why}")
