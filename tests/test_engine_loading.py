@@ -164,3 +164,32 @@ def test_cold_warm_damaged_and_unchecked_cache(tmp_path):
         assert run()["loads"] == ["fallback", "refreshed", "cache"]
         assert run()["loads"] == ["cache", "refreshed", "cache"]  # rebuilt
     assert run(unchecked=True)["loads"] == ["normal"]
+
+
+DECODE = PRELUDE + """
+from streambars.records import SeriesRegistry
+from streambars.sources import dbnfile
+import streambars.engine  # as in a backfill: the kernel is loaded first
+loading.loads.clear()
+del refreshes[:]
+batches = list(dbnfile.iter_batches(sys.argv[1], SeriesRegistry()))
+print(json.dumps({{"loads": loading.loads, "refreshes": len(refreshes),
+                  "volume": int(sum(int(b.volume.sum()) for b in batches))}}))
+"""
+
+
+@pytest.mark.skipif(not CHECKED, reason="numba version not checked: loads take numba's own path")
+def test_decoding_a_dbn_file_loads_its_column_copy_without_refresh(tmp_path):
+    """A backfill's first batch waited ~0.2 s for numba's refresh before the column copy of
+    the decode stage (sources/columns.py) was named to jitcache: it now loads from the cache
+    like the kernel, and its columns are the file's."""
+    from streambars.records import SeriesRegistry
+    from streambars.sources import dbnfile
+    from streambars.synthetic import es_like_1s_bars, write_dbn
+
+    recs = es_like_1s_bars(1_704_067_200 * 10**9, 0.2, seed=5, instrument_id=7)
+    path = write_dbn(tmp_path / "in.dbn.zst", recs, dataset="GLBX.MDP3", symbols={"ESH4": 7})
+    list(dbnfile.iter_batches(path, SeriesRegistry()))  # warms the cache in this process
+    got = _run(DECODE, str(path))
+    assert got["loads"] == ["cache"] and got["refreshes"] == 0
+    assert got["volume"] == int(recs["volume"].astype(np.int64).sum())

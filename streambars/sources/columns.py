@@ -13,6 +13,12 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from ..jitcache import load_without_refresh
+
+# loaded from numba's cache at the first call without numba's ~0.2-0.6 s refresh (jitcache.py):
+# a backfill's first batch waited for it
+load_without_refresh(__name__, "_ohlcv")
+
 
 @numba.njit(cache=True, nogil=True, _nrt=False)
 def _ohlcv(length: np.ndarray, rtype: np.ndarray, ts: np.ndarray, o: np.ndarray, h: np.ndarray,
