@@ -18,6 +18,7 @@ Items a source may send, besides :class:`~streambars.records.RecordBatch`:
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import json
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -25,6 +26,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import anyio
+import anyio.lowlevel
+import anyio.streams.memory
+import anyio.to_thread
 import numpy as np
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
@@ -38,6 +42,12 @@ from .store import StoreWriterSet
 from .store.gather import count_tagged
 
 log = get_logger("streambars.pipeline")
+
+# anyio imports its parts at their first use: a run's first ~50 ms went to importing them
+# (its memory streams, worker threads and asyncio backend), inside the run; a process pays
+# for them once, where it imports everything else.
+with contextlib.suppress(ImportError):  # anyio's own module: its name may change
+    importlib.import_module("anyio._backends._asyncio")
 
 _NO_BARS = np.empty(0, TAGGED_BAR_DTYPE)
 

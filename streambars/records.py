@@ -145,7 +145,7 @@ class RecordBatch:
         )
 
 
-@dataclass
+@dataclass(slots=True)  # slots: built once per engine call, ~0.1 us of a one-record call
 class BarBatch:
     """Closed bars, in the order they closed (so per series and timeframe, ts ascending)."""
 
