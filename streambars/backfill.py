@@ -51,7 +51,7 @@ from .engine import Aggregator
 from .engine.kernel import S_LAST
 from .errors import CostLimitError, Interrupted, SourceError, UsageError
 from .fsio import pid_alive
-from .inputs import INPUTS_DIR, InputCopy, wait_archived
+from .inputs import INPUTS_DIR, UNNAMED, InputCopy, archived_source, wait_archived
 from .ledger import EMPTY, LIVE, Ledger, Span, live_span, span_key
 from .observe import Progress, ProgressDisplay, get_logger
 from .pipeline import (
@@ -179,9 +179,11 @@ class Item:
     Only records inside their symbol's spans reach the engine, so an input that overlaps what
     a file already holds adds just the new part (see :mod:`streambars.ledger`)."""
 
-    path: Path | None  # None: nothing to read (an empty span)
+    path: Path | None  # None: nothing to read (an empty span), or read_from's copy not named yet
     spans: dict[str, tuple[tuple[int, int], ...]]
-    source: str  # the ledger's name for it (relative to <store>/<dataset>/raw/), LIVE or EMPTY
+    #: the ledger's name for it (relative to <store>/<dataset>/raw/), LIVE or EMPTY; UNNAMED
+    #: for a --from-dbn input until its copy is archived under its hash's name (:func:`archived`)
+    source: str
     end_known: bool
     label: str
     fetch: bool = False  # Historical: download [start, end) of the one symbol first
@@ -192,6 +194,18 @@ class Item:
     @property
     def start(self) -> int:
         return min(a for spans in self.spans.values() for a, _ in spans)
+
+    @property
+    def from_user(self) -> bool:
+        """A --from-dbn input (named ``_inputs/...`` in the archive once copied there)."""
+        return self.source.startswith(INPUTS_DIR + "/")
+
+    def span(self, start: int, end: int, source: str | None = None) -> Span:
+        """A ledger span of this input (``source``: instead of its own, e.g. EMPTY)."""
+        source = self.source if source is None else source
+        if source == UNNAMED:  # a programming error: the ledger would name no file
+            raise RuntimeError(f"{self.label}: its archive copy is not named yet (see backfill.archived)")
+        return Span(start, end, source, self.end_known)
 
     @property
     def end(self) -> int:
@@ -346,6 +360,16 @@ def _stale(item: Item, plan: Plan | None) -> bool:
     except FileNotFoundError:
         return True
     return plan is not None and plan.force_range is not None and mtime < plan.planned_at
+
+
+def archived(item: Item, settings: Settings, dataset: str) -> Item:
+    """``item`` with its archive copy's path and ledger name: a --from-dbn input is named by
+    its content, known only once hashed (beside the run); call after :func:`wait_archived`
+    saw its copy archived. Other items are returned as they are."""
+    if item.source != UNNAMED or item.read_from is None:
+        return item
+    rel = archived_source(item.read_from)
+    return replace(item, path=_raw_root(settings, dataset) / rel, source=rel)
 
 
 def plan_backfill(settings: Settings, options: BackfillOptions,
@@ -514,10 +538,10 @@ def execute(plan: Plan, *, client: Any = None, hooks: RunHooks | None = None) ->
         for name in rebuild:
             old = states[name].ledger
             ledger = Ledger(spans=list(old.spans), schema=old.schema, trade_clock=old.trade_clock, live=old.live)
-            mine = [replace(i, spans={name: i.spans[name]}) for i in new[name]]
+            mine = [archived(replace(i, spans={name: i.spans[name]}), settings, plan.dataset) for i in new[name]]
             for i in mine:
                 for a, b in i.spans[name]:
-                    ledger.add(Span(a, b, i.source, i.end_known))
+                    ledger.add(i.span(a, b))
             run.rebuild(name, ledger, fetch_items={i.source: i for i in mine if i.fetch})
     finally:
         writers.close_all()
@@ -708,11 +732,12 @@ class Runner:
                             yield batch
                     progress.input_bytes = base + (size or 0)
                     if item.read_from is not None:  # its source is named only once archived
-                        await anyio.to_thread.run_sync(wait_archived, [item.path])
+                        await anyio.to_thread.run_sync(wait_archived, [item.read_from])
+                        item = archived(item, self.settings, self.dataset)
                     for name, spans in item.spans.items():
                         if item.source != LIVE:
                             for a, b in spans:
-                                ledgers[name].add(Span(a, b, item.source if path else EMPTY, item.end_known))
+                                ledgers[name].add(item.span(a, b, None if path else EMPTY))
                     checkpoint = self._checkpoint(list(item.spans), registry, ledgers)
                     checkpoint.on_saved = lambda item=item, records=records: item_done(item, records)
                     yield checkpoint
@@ -736,7 +761,7 @@ class Runner:
 def _input_size(item: Item, plan: Plan | None) -> int | None:
     """Bytes the item's input file holds (0: nothing to read), None when not known yet (it is
     still to be downloaded): a run's ETA is by input bytes only when every size is known."""
-    if item.path is None:
+    if item.path is None and item.read_from is None:
         return 0
     if _stale(item, plan):
         return None
@@ -846,7 +871,7 @@ async def _decode(
         try:
             batch = await anyio.to_thread.run_sync(next, it, sentinel)
         except SourceError as e:
-            if type(e) is not SourceError or not item.source.startswith(INPUTS_DIR + "/"):
+            if type(e) is not SourceError or not item.from_user:
                 raise
             # a --from-dbn file is checked as it is decoded here: name the user's file too
             raise SourceError(f"{e} (input {item.label})") from None
@@ -963,9 +988,10 @@ def plan_dbn_files(
     declared_end = int(parse_day(end, "end").timestamp()) * NS if end else None
     clock = settings.bars.trade_clock
     raw = _raw_root(settings, dataset)
-    # One read of each file: hashed and copied; decoded too only when its end must be proven
-    # (a compressed file with a Metadata end is checked record by record as the pipeline
-    # decodes it: damage stops the run before that input's checkpoint, so no ledger counts it)
+    # A file is read here only when its end must be proven (decoded, hashed and copied in
+    # that one read); a compressed file with a Metadata end is hashed and copied beside the
+    # run, and checked record by record as the pipeline decodes it: damage stops the run
+    # before that input's checkpoint, so no ledger counts it
     spans: list[tuple[dbnfile.DbnInfo, int, int, bool]] = []
     inputs: dict[Path, InputCopy] = {}
     try:
@@ -1007,9 +1033,8 @@ def _plan_inputs(settings: Settings, paths: list[Path], infos: list[dbnfile.DbnI
             log.info("already in the store", path=str(info.path))
             skipped += 1
             continue
-        source = inputs[info.path].keep(raw)  # finished beside the run: see streambars.inputs
-        items.append(Item(raw / source, parts, source, known, info.path.name, by_symbol=False,
-                          read_from=info.path))
+        inputs[info.path].keep(raw)  # finished (and named) beside the run: see streambars.inputs
+        items.append(Item(None, parts, UNNAMED, known, info.path.name, by_symbol=False, read_from=info.path))
     new = {n: [i for i in items if n in i.spans] for n in names}
     rebuild = _rebuilds(states, new, set())
     if rebuild:

@@ -42,7 +42,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from .backfill import BackfillResult, Plan, RunHooks, StopRequested, execute, print_summary
+from .backfill import (
+    BackfillResult,
+    Plan,
+    RunHooks,
+    StopRequested,
+    archived,
+    execute,
+    print_summary,
+)
 from .config import API_KEY_ENV, ConfigError
 from .errors import StreambarsError, UsageError
 from .inputs import wait_archived
@@ -343,8 +351,9 @@ def run_on_cluster(plan: Plan, out: TextIO = sys.stdout, client: Any = None,
     # Items name archive paths: make them absolute too (a worker's cwd is its own). Workers
     # read --from-dbn inputs from the archive, so their copies must be there first.
     wait_archived()
+    named = (archived(i, plan.settings, plan.dataset) for i in plan.items)
     plan = replace(plan, items=tuple(replace(i, path=i.path.resolve(), read_from=None) if i.path is not None else i
-                                     for i in plan.items))
+                                     for i in named))
     token = uuid.uuid4().hex
     store.mkdir(parents=True, exist_ok=True)
     marker = store / f".streambars-cluster-{token}"

@@ -1,19 +1,22 @@
 """DBN files a user gives to ``backfill --from-dbn``: named by their content and kept in the
 raw archive, where a later rebuild (history arriving out of order) reads them again.
 
-Planning needs a file's name (``_inputs/<stem>-<sha256 prefix>.dbn.zst``, the ledger's source)
-and, for a file whose Metadata does not say where it ends, its last record; it does not need
-the archive copy to be on disk yet. So :meth:`InputCopy.read` hashes the file while a helper
-thread copies it (in the kernel: ``copy_file_range``), and :meth:`InputCopy.keep` finishes the
-copy -- fsync, rename into the archive, fsync of the directory -- on that thread while the
-run already decodes the user's file. Measured on a year of 1s bars (161 MB zstd) on the
-2-core VM: planning took 0.34-0.7 s with the copy and its fsync done first, ~0.15 s now.
+A file's archive name (``_inputs/<stem>-<sha256 prefix>.dbn.zst``, the ledger's source) is
+needed only when a ledger entry names it, after the input is aggregated; planning needs, for
+a file whose Metadata does not say where it ends, its last record. So for a compressed file
+with an end, :meth:`InputCopy.read` only starts two helper threads -- one hashes the file, one
+copies it (in the kernel: ``copy_file_range``) -- and :meth:`InputCopy.keep` finishes the copy
+(fsync, rename into the archive under the hash's name, fsync of the directory) on a third,
+while the run already decodes the user's file. Measured on a year of 1s bars (161 MB zstd)
+on the 2-core VM: planning took 0.34-0.7 s with the copy and its fsync done first, ~0.15-0.2 s
+with the hash done first, and now starts no read of its own.
 
 The order that makes this safe: a ledger entry naming a source is written only after
-:func:`wait_archived` saw that source's copy renamed into place and fsynced (backfill waits
-before each input's checkpoint, a cluster before it hands out any task, a rebuild before it
-reads the archive). A copy that fails (a full disk) fails the run there, with nothing
-recorded for that input.
+:func:`wait_archived` saw that source's copy renamed into place and fsynced, and the name is
+only known from then on (:func:`archived_source`): backfill waits before each input's
+checkpoint, a cluster before it hands out any task, a rebuild before it reads the archive.
+A copy that fails (a full disk) or a file that cannot be read to its end fails the run
+there, with nothing recorded for that input.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ from .fsio import SyncBehind, replace_file, temp_beside
 from .sources import dbnfile
 
 INPUTS_DIR = "_inputs"
+#: An input's ledger source until its copy is archived under its hash's name: never written
+#: to a ledger (an empty source means "nothing there"; this one would be a missing file).
+UNNAMED = f"{INPUTS_DIR}/(named once archived)"
 _PIECE = 16 << 20  # bytes per copy_file_range call: a stop request is seen between pieces
 _READ = 1 << 20
 
@@ -73,18 +79,34 @@ def copy_bytes(src: Path, dst_fd: int, stop: threading.Event | None = None) -> N
 
 @dataclass
 class InputCopy:
-    """One input: its archive name, its proven end (when it had to be decoded to know it),
-    and the copy of it being made into the raw archive."""
+    """One input: its archive name (once hashed), its proven end (when it had to be decoded
+    to know it), and the copy of it being made into the raw archive."""
 
-    rel: str  # its ledger source, named by its content (relative to the raw archive)
     path: Path  # the user's file, read by this run while the copy is finished
     tmp: Path
     proven_end: int | None  # one past its last record; None: not decoded here
     size: int = 0  # bytes hashed
+    _rel: str | None = None  # its ledger source, named by its content (see rel)
+    _hashing: threading.Thread | None = None
     _copying: threading.Thread | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _error: list[BaseException] = field(default_factory=list)
+    _hash_error: list[BaseException] = field(default_factory=list)
     _kept: bool = False
+
+    @property
+    def rel(self) -> str:
+        """Its ledger source, relative to the raw archive (waits for the hash)."""
+        if self._hashing is not None:
+            self._hashing.join()
+        if self._hash_error:
+            raise self._hash_error[0]
+        assert self._rel is not None
+        return self._rel
+
+    def _name(self, digest: str) -> None:
+        stem = self.path.name.split(".")[0] or "input"
+        self._rel = f"{INPUTS_DIR}/{stem}-{digest[:16]}.dbn.zst"
 
     @classmethod
     def read(cls, raw: Path, info: dbnfile.DbnInfo, schema: str, clock: str, scan: bool) -> InputCopy:
@@ -95,7 +117,7 @@ class InputCopy:
         tmp = temp_beside(raw / INPUTS_DIR / path.name)
         end = None
         copying = None
-        got = cls("", path, tmp, None)
+        got = cls(path, tmp, None)
         try:
             if scan:
                 with open(tmp, "xb") as f_out:
@@ -112,23 +134,35 @@ class InputCopy:
                             out.write(pack.flush())
                     finally:
                         out.wait()
-            else:  # compressed: copied as it is, beside the hash
+            else:  # compressed: copied as it is, and hashed, both beside the run
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
                 copying = threading.Thread(target=got._copy, args=(fd,), name="input-copy")
                 copying.start()
-                with open(path, "rb") as f:
-                    while chunk := f.read(_READ):
-                        digest.update(chunk)
-                        got.size += len(chunk)
+                got._hashing = threading.Thread(target=got._hash, name="input-hash")
+                got._hashing.start()
         except BaseException:
             got._stop.set()
             if copying is not None:
                 copying.join()
             tmp.unlink(missing_ok=True)
             raise
-        stem = path.name.split(".")[0] or "input"
-        got.rel, got.proven_end, got._copying = f"{INPUTS_DIR}/{stem}-{digest.hexdigest()[:16]}.dbn.zst", end, copying
+        if got._hashing is None:
+            got._name(digest.hexdigest())
+        got.proven_end, got._copying = end, copying
         return got
+
+    def _hash(self) -> None:
+        """Name the file by its content (hashlib lets go of the GIL for each piece)."""
+        digest = hashlib.sha256()
+        try:
+            with open(self.path, "rb") as f:
+                while not self._stop.is_set() and (chunk := f.read(_READ)):
+                    digest.update(chunk)
+                    self.size += len(chunk)
+        except BaseException as e:  # reported by rel (the keep job, or whoever asks)
+            self._hash_error.append(e)
+            return
+        self._name(digest.hexdigest())
 
     def _copy(self, fd: int) -> None:
         try:
@@ -138,75 +172,103 @@ class InputCopy:
         finally:
             os.close(fd)
 
-    def keep(self, raw: Path) -> str:
-        """Finish the copy into the raw archive on a helper thread (a later rebuild reads it
-        there) and return its source name; :func:`wait_archived` waits for it."""
-        dest = raw / self.rel
-        if dest.is_file():  # archived by an earlier run: this copy is not needed
-            self.drop()
-            return self.rel
+    def keep(self, raw: Path) -> None:
+        """Finish the copy into the raw archive on a helper thread, under its name once the
+        hash is done (a later rebuild reads it there); :func:`wait_archived` waits for it and
+        :func:`archived_source` then gives its name."""
         copying = self._copying
+        job = _Job(self.path)
 
         def finish() -> None:
             try:
+                job.dest = dest = raw / self.rel
+                if dest.is_file():  # archived by an earlier run: this copy is not needed
+                    self._stop.set()
                 if copying is not None:
                     copying.join()
-                if self._error:
-                    raise self._error[0]
-                if copying is not None and self.tmp.stat().st_size != self.size:
-                    raise StoreError(f"{self.path} changed while it was read")
-                replace_file(self.tmp, dest)
-            except BaseException:
+                if not dest.is_file():
+                    if self._error:
+                        raise self._error[0]
+                    if copying is not None and self.tmp.stat().st_size != self.size:
+                        raise StoreError(f"{self.path} changed while it was read")
+                    replace_file(self.tmp, dest)
+                job.rel = self.rel
+            finally:
+                if job.rel is None:  # failed (the hash too): no copy left running
+                    self._stop.set()
+                    if copying is not None:
+                        copying.join()
                 self.tmp.unlink(missing_ok=True)
-                raise
 
-        job = _Job(dest, finish)
-        with _LOCK:
-            _PENDING[dest] = job
-        job.thread.start()
+        job.start(finish)
         self._copying, self._kept = None, True  # the job owns the temp file now
-        return self.rel
 
     def drop(self) -> None:
         """Stop and remove a copy that is not kept (after keep(): nothing to do)."""
         if self._kept:
             return
-        if self._copying is not None:
-            self._stop.set()
-            self._copying.join()
-            self._copying = None
+        self._stop.set()
+        for thread in (self._copying, self._hashing):
+            if thread is not None:
+                thread.join()
+        self._copying = self._hashing = None
         self.tmp.unlink(missing_ok=True)
 
 
 class _Job:
-    """A copy being finished into the archive on its own thread; its error kept for the waiter."""
+    """An input's copy being finished into the archive on its own thread; its name (once
+    archived) or its error kept for the waiter."""
 
-    def __init__(self, dest: Path, work: Callable[[], None]):
-        self.dest, self.error = dest, None
-        self._work = work
-        self.thread = threading.Thread(target=self._run, name="input-keep")
+    def __init__(self, source: Path):
+        self.source = source  # the user's file
+        self.dest: Path | None = None  # in the archive, once hashed
+        self.rel: str | None = None  # set once archived
+        self.error: BaseException | None = None
+        self.thread: threading.Thread | None = None
 
-    def _run(self) -> None:
-        try:
-            self._work()
-        except BaseException as e:
-            self.error = e
+    def start(self, work: Callable[[], None]) -> None:
+        def run() -> None:
+            try:
+                work()
+            except BaseException as e:
+                self.error = e
+
+        self.thread = threading.Thread(target=run, name="input-keep")
+        with _LOCK:
+            _PENDING[self.source] = self
+        self.thread.start()
 
 
+#: The user's file -> its copy's job, while this process runs (an archived job stays: its
+#: name is looked up after the wait).
 _PENDING: dict[Path, _Job] = {}
 _LOCK = threading.Lock()
 
 
 def wait_archived(paths: list[Path] | None = None, check: bool = True) -> None:
-    """Return once the archive copies of ``paths`` (default: every copy this process started)
-    are on disk under their names; raise StoreError naming the first that failed (unless not
-    ``check``: a run ending anyway lets no copy outlive it, and no ledger names a failed one)."""
+    """Return once the archive copies of the user's files ``paths`` (default: every copy
+    this process started) are on disk under their names; raise StoreError naming the first
+    that failed (unless not ``check``: a run ending anyway lets no copy outlive it, and no
+    ledger names a failed one)."""
     with _LOCK:
         jobs = [j for p, j in _PENDING.items() if paths is None or p in paths]
     for job in jobs:
+        assert job.thread is not None
         job.thread.join()
-        with _LOCK:
-            _PENDING.pop(job.dest, None)
-        if job.error is not None and check:
-            why = getattr(job.error, "strerror", None) or job.error
-            raise StoreError(f"cannot keep a copy of the input in the raw archive ({job.dest}): {why}")
+        if job.error is not None:
+            with _LOCK:
+                _PENDING.pop(job.source, None)
+            if check:
+                why = getattr(job.error, "strerror", None) or job.error
+                where = job.dest or f"for {job.source}"
+                raise StoreError(f"cannot keep a copy of the input in the raw archive ({where}): {why}")
+
+
+def archived_source(path: Path) -> str:
+    """The ledger source of the user's file ``path``, whose copy :func:`wait_archived` saw
+    archived (a programming error otherwise: no ledger may name a copy not on disk)."""
+    with _LOCK:
+        job = _PENDING.get(path)
+    if job is None or job.rel is None:
+        raise RuntimeError(f"{path}: no archived copy to name (wait_archived first)")
+    return job.rel

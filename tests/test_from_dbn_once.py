@@ -1,11 +1,13 @@
-"""`backfill --from-dbn` plans from one read of each input: hashed (and copied into the raw
-archive beside it) in that read, decoded in it only when the file's end must be proven; the
-copy is finished beside the run, and no ledger names it before it is on disk."""
+"""`backfill --from-dbn` plans without reading an input whose Metadata gives its end: it is
+hashed and copied into the raw archive beside the run; a file whose end must be proven is
+decoded, hashed and copied in one read while planning. No ledger names a copy before it is
+on disk under its hash's name."""
 
 from __future__ import annotations
 
 import hashlib
 import io
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -59,10 +61,12 @@ def test_compressed_file_with_an_end_is_not_decoded_while_planning(tmp_path, mon
     assert seen == []
     [item] = plan.items
     assert item.spans == {"ESH4": ((START, END),)} and item.end_known
+    assert item.read_from == path  # this run reads the user's file while the copy finishes
+    assert item.source == inputs_mod.UNNAMED and item.path is None  # hashed beside the run
+    wait_archived([path])
+    item = B.archived(item, plan.settings, plan.dataset)
     data = path.read_bytes()
     assert item.source == f"_inputs/in-{hashlib.sha256(data).hexdigest()[:16]}.dbn.zst"
-    assert item.read_from == path  # this run reads the user's file while the copy finishes
-    wait_archived([item.path])
     assert item.path.read_bytes() == data
     assert _temps(tmp_path) == []
     B.execute(plan)
@@ -79,8 +83,9 @@ def test_plain_file_is_decoded_once_to_prove_its_end(tmp_path, monkeypatch, reco
     [item] = plan.items
     last = int(records["ts_event"].max())
     assert item.spans == {"ESH4": ((START, last + 1),)} and not item.end_known
+    wait_archived([path])
+    item = B.archived(item, plan.settings, plan.dataset)
     assert item.source == f"_inputs/in-{hashlib.sha256(raw).hexdigest()[:16]}.dbn.zst"
-    wait_archived([item.path])
     assert zstandard.ZstdDecompressor().decompressobj().decompress(item.path.read_bytes()) == raw
     assert _temps(tmp_path) == []
 
@@ -128,7 +133,7 @@ def test_a_copy_that_cannot_be_kept_fails_the_run_before_its_input_counts(tmp_pa
     plan = B.plan_dbn_files(settings, [path], out=io.StringIO())
     assert [i.spans for i in plan.items] == [{"ESH4": ((START, END),)}]
     B.execute(plan)
-    [item] = plan.items
+    item = B.archived(plan.items[0], plan.settings, plan.dataset)
     assert item.path.read_bytes() == path.read_bytes()
     writers = B.make_writers(settings, "GLBX.MDP3", "raw_symbol")
     try:
@@ -136,3 +141,61 @@ def test_a_copy_that_cannot_be_kept_fails_the_run_before_its_input_counts(tmp_pa
     finally:
         writers.close_all()
     assert [s.source for s in states["ESH4"].ledger.spans] == [item.source]
+
+
+def test_planning_does_not_wait_for_the_hash_and_no_ledger_names_the_input_before_it(
+        tmp_path, monkeypatch, records):
+    """The hash runs beside the run: planning returns while it is held back, the pipeline
+    decodes meanwhile, and the input's checkpoint waits for its name."""
+    path = write_dbn(tmp_path / "in.dbn.zst", records, **OPTS)
+    settings = _settings(tmp_path)
+    release = threading.Event()
+    real = inputs_mod.InputCopy._hash
+
+    def held(self):
+        assert release.wait(60)
+        real(self)
+
+    monkeypatch.setattr(inputs_mod.InputCopy, "_hash", held)
+    decoded: list[int] = []
+    real_batches = dbnfile.iter_batches
+
+    def counted(*a, **kw):
+        for batch in real_batches(*a, **kw):
+            decoded.append(len(batch))
+            if sum(decoded) >= len(records):
+                release.set()  # every record decoded before the name exists
+            yield batch
+
+    monkeypatch.setattr(dbnfile, "iter_batches", counted)
+    plan = B.plan_dbn_files(settings, [path], out=io.StringIO())
+    assert not release.is_set()
+    B.execute(plan)
+    assert sum(decoded) == len(records)
+    writers = B.make_writers(settings, "GLBX.MDP3", "raw_symbol")
+    try:
+        states = B.read_file_states(settings, writers, "GLBX.MDP3", ["ESH4"])
+    finally:
+        writers.close_all()
+    name = f"_inputs/in-{hashlib.sha256(path.read_bytes()).hexdigest()[:16]}.dbn.zst"
+    assert [s.source for s in states["ESH4"].ledger.spans] == [name]
+    assert (tmp_path / "store" / "GLBX.MDP3" / "raw" / name).read_bytes() == path.read_bytes()
+
+
+def test_an_input_that_cannot_be_read_to_its_end_fails_the_run_before_it_counts(tmp_path, monkeypatch, records):
+    """A read error while hashing (beside the run) stops the run before the input's checkpoint
+    with one message naming the file; nothing is archived and a rerun plans it whole."""
+    path = write_dbn(tmp_path / "in.dbn.zst", records, **OPTS)
+    settings = _settings(tmp_path)
+
+    def unreadable(self):
+        self._hash_error.append(OSError(5, "Input/output error"))
+
+    monkeypatch.setattr(inputs_mod.InputCopy, "_hash", unreadable)
+    with pytest.raises(StoreError, match=r"raw archive \(for .*in\.dbn\.zst\): Input/output error"):
+        B.ingest_dbn_files(settings, [path], out=io.StringIO())
+    assert _temps(tmp_path) == []
+    assert not list((tmp_path / "store" / "GLBX.MDP3" / "raw" / "_inputs").glob("*.dbn.zst"))
+    monkeypatch.undo()
+    plan = B.plan_dbn_files(settings, [path], out=io.StringIO())
+    assert [i.spans for i in plan.items] == [{"ESH4": ((START, END),)}]
