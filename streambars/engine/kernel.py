@@ -626,11 +626,13 @@ def _pass(st, s, k, b, c, out, r0, r1, close, w):
 def _segment(series, ts, op, hi, lo, cl, vol, i, n, s, st, b, sb, c1, out, nout, n_levels,
              vmax, interval, tz, inv, lim, low):
     """Records ``i..`` of series ``s`` under :func:`_run_exact`'s conditions, level by level:
-    one loop over the records folds the finest bars into level 1 (held in locals) and writes
-    level 1's closed bars; then each coarser level, in ascending order, one loop over its
-    source's closed bars (:func:`_pass`); then the finest closed bars, copied from the input.
-    So each level's bars come out together, in time order. The arena ends as _run_exact
-    leaves it: every level's running bar (or the last closed one of an idle level, inactive).
+    one loop over the records checks each and writes it as the finest bar it will close to
+    (the columns are in registers then: reading them again later cost more); one loop folds
+    level 1 from the finest bars (records, now in cache: no checks, no lag of one record)
+    and writes level 1's closed bars; then each coarser level, in ascending order, one loop
+    over its source's closed bars (:func:`_pass`). So each level's bars come out together,
+    in time order. The arena ends as _run_exact leaves it: every level's running bar (or the
+    last closed one of an idle level, inactive).
 
     Taken only while no level's volume can wrap (the largest running volume plus the
     segment's stays below 2**64) and every count stays below 2**32 (the output's field, which
