@@ -626,11 +626,13 @@ def _pass(st, s, k, b, c, out, r0, r1, close, w):
 def _segment(series, ts, op, hi, lo, cl, vol, i, n, s, st, b, sb, c1, out, nout, n_levels,
              vmax, interval, tz, inv, lim, low):
     """Records ``i..`` of series ``s`` under :func:`_run_exact`'s conditions, level by level:
-    one loop over the records folds the finest bars into level 1 (held in locals) and writes
-    level 1's closed bars; then each coarser level, in ascending order, one loop over its
-    source's closed bars (:func:`_pass`); then the finest closed bars, copied from the input.
-    So each level's bars come out together, in time order. The arena ends as _run_exact
-    leaves it: every level's running bar (or the last closed one of an idle level, inactive).
+    one loop over the records checks each and writes it as the finest bar it will close to
+    (the columns are in registers then: reading them again later cost more); one loop folds
+    level 1 from the finest bars (records, now in cache: no checks, no lag of one record)
+    and writes level 1's closed bars; then each coarser level, in ascending order, one loop
+    over its source's closed bars (:func:`_pass`). So each level's bars come out together,
+    in time order. The arena ends as _run_exact leaves it: every level's running bar (or the
+    last closed one of an idle level, inactive).
 
     Taken only while no level's volume can wrap (the largest running volume plus the
     segment's stays below 2**64) and every count stays below 2**32 (the output's field, which
@@ -661,44 +663,67 @@ def _segment(series, ts, op, hi, lo, cl, vol, i, n, s, st, b, sb, c1, out, nout,
     stop = min(n, i + min(MAX_SEGMENT, (cap - nout) // n_levels))
     if stop <= i:
         return i, nout, SEG_ROOM
-    nanos1, daily1 = st[_U(c1 + C_NANOS)], st[_U(c1 + C_DAILY)]
-    idle1, s1, e1, o1, h1, l1, k1, v1, n1 = _level1(st, b1, t0, o0, k0, nanos1, daily1)
-    first = (t0, o0, h0, l0, k0, v0, n0)  # the finest bar running on entry: the first one closed
     why = SEG_ROOM if stop < n else SEG_RECORD
-    w = nout
-    close1 = np.int64(0)
+    # 1. the records the segment takes, each written as the finest bar it will close to
+    # (record r at out[nout + 1 + r - i]; the bar running on entry closes first, at out[nout]):
+    # the check and the copy in one loop over the input, with the columns in registers
     j = i
+    e = e0
     while j < stop:
         uj = _U(j)
         t = ts[uj]
         o, h, lw, c, v = op[uj], hi[uj], lo[uj], cl[uj], vol[uj]
-        if not ((series[uj] == s) & _clean_exact(t, e0, o, h, lw, c, v, vmax, tz, inv, lim, low)):
+        summed = acc + v
+        if not ((series[uj] == s) & _clean_exact(t, e, o, h, lw, c, v, vmax, tz, inv, lim, low)):
             why = SEG_RECORD
             break
-        summed = acc + v
         if summed < acc:
             why = SEG_RISK
             break
         acc = summed
-        # the finest bar closes and folds into level 1
-        v1 += v0
-        h1 = max(h1, h0)
-        l1 = min(l1, l0)
-        n1 += n0
-        k1 = k0
-        idle1 = False
-        if t >= e1:  # level 1 closes: its bar to out, the arena as _emit leaves it
-            w = _put(out, w, s, 1, s1, o1, h1, l1, k1, v1, n1)
-            st[_U(b1 + L_ACTIVE)] = 0
-            _set_bar(st, b1, s1, e1, o1, h1, l1, k1, v1, n1)
-            close1 = t
-            s1, e1 = bucket(st, t, nanos1, daily1, e1)
-            o1, h1, l1, v1, n1, idle1 = o, I64_MIN, I64_MAX, np.uint64(0), np.int64(0), True
-        t0, e0, o0, h0, l0, k0, v0, n0 = t, t + interval, o, h, lw, c, v, 1
+        _put(out, nout + 1 + (j - i), s, 0, t, o, h, lw, c, v, 1)
+        e = t + interval
         j += 1
     if j == i:
         return i, nout, why
-    st[_U(x + N_SCRATCH_FIELDS + X_FIRST)] = nout
+    _put(out, nout, s, 0, t0, o0, h0, l0, k0, v0, n0)
+    # 2. level 1 from the finest bars closed: the one running on entry, then records i..j-2,
+    # each folded after the record's time closed level 1's bar if it reached its end (the
+    # order of _run_exact: fold the closed finest bar, then check the next record's time)
+    nanos1, daily1 = st[_U(c1 + C_NANOS)], st[_U(c1 + C_DAILY)]
+    idle1, s1, e1, o1, h1, l1, k1, v1, n1 = _level1(st, b1, t0, o0, k0, nanos1, daily1)
+    v1 += v0
+    h1 = max(h1, h0)
+    l1 = min(l1, l0)
+    n1 += n0
+    k1 = k0
+    w = nout + (j - i)
+    close1 = np.int64(0)
+    for r in range(i, j - 1):
+        ur = _U(r)
+        t = ts[ur]
+        if t >= e1:  # level 1 closes: its bar to out, the next one opened by this record
+            w = _put(out, w, s, 1, s1, o1, h1, l1, k1, v1, n1)
+            close1 = t
+            s1, e1 = bucket(st, t, nanos1, daily1, e1)
+            o1, h1, l1, k1, v1, n1 = op[ur], hi[ur], lo[ur], cl[ur], vol[ur], np.int64(1)
+        else:
+            v1 += vol[ur]
+            h1 = max(h1, hi[ur])
+            l1 = min(l1, lo[ur])
+            k1 = cl[ur]
+            n1 += 1
+    uj = _U(j - 1)
+    t = ts[uj]
+    idle1 = False
+    if t >= e1:  # the last record closes level 1 and leaves it idle: the arena as _emit leaves it
+        w = _put(out, w, s, 1, s1, o1, h1, l1, k1, v1, n1)
+        st[_U(b1 + L_ACTIVE)] = 0
+        _set_bar(st, b1, s1, e1, o1, h1, l1, k1, v1, n1)
+        close1 = t
+        idle1 = True
+    # 3. every coarser level from its source's closed bars
+    st[_U(x + N_SCRATCH_FIELDS + X_FIRST)] = nout + (j - i)
     st[_U(x + N_SCRATCH_FIELDS + X_END)] = w
     st[_U(x + N_SCRATCH_FIELDS + X_CLOSE)] = close1
     for k in range(2, n_levels):
@@ -711,16 +736,12 @@ def _segment(series, ts, op, hi, lo, cl, vol, i, n, s, st, b, sb, c1, out, nout,
             w, close = _pass(st, s, k, b + k * N_LEVEL_FIELDS, c, out, r0, r1, st[_U(src + X_CLOSE)], w)
             st[_U(xk + X_CLOSE)] = close
         st[_U(xk + X_END)] = w
-    # the finest closed bars: the one running on entry, then every record but the last
-    w = _put(out, w, s, 0, first[0], first[1], first[2], first[3], first[4], first[5], first[6])
-    for r in range(i, j - 1):
-        ur = _U(r)
-        w = _put(out, w, s, 0, ts[ur], op[ur], hi[ur], lo[ur], cl[ur], vol[ur], 1)
-    _set_bar(st, b, t0, e0, o0, h0, l0, k0, v0, n0)
+    # the finest bar running now: the last record's
+    _set_bar(st, b, t, t + interval, op[uj], hi[uj], lo[uj], cl[uj], vol[uj], 1)
     if not idle1:
         st[_U(b1 + L_ACTIVE)] = 1
         _set_bar(st, b1, s1, e1, o1, h1, l1, k1, v1, n1)
-    st[_U(sb + S_LAST)] = t0
+    st[_U(sb + S_LAST)] = t
     return j, w, why
 
 
