@@ -114,18 +114,43 @@ def test_damaged_file_with_an_end_stops_the_run_before_its_checkpoint(tmp_path, 
     assert [i.spans for i in plan.items] == [{"ESH4": ((START, END),)}]
 
 
-def test_a_copy_that_cannot_be_kept_fails_the_run_before_its_input_counts(tmp_path, monkeypatch, records):
-    """The archive copy is finished beside the run; when it fails (a full disk), the run stops
-    with a message naming the archive, before the input's checkpoint: no ledger names a
-    source that is not on disk, and a rerun plans the whole input again."""
-    path = write_dbn(tmp_path / "in.dbn.zst", records, **OPTS)
-    settings = _settings(tmp_path)
+def _ledger_sources(settings) -> list[str]:
+    writers = B.make_writers(settings, "GLBX.MDP3", "raw_symbol")
+    try:
+        states = B.read_file_states(settings, writers, "GLBX.MDP3", ["ESH4"])
+    finally:
+        writers.close_all()
+    return [s.source for s in states["ESH4"].ledger.spans]
 
+
+def _full_disk(monkeypatch) -> None:
     def full_disk(src, dst_fd, stop=None):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(inputs_mod, "copy_bytes", full_disk)
-    with pytest.raises(StoreError, match=r"raw archive .*_inputs/in-.*No space left on device"):
+
+
+def _unreadable(monkeypatch) -> None:
+    def unreadable(self):  # the hash, beside the run, meets a read error
+        self._hash_error.append(OSError(5, "Input/output error"))
+
+    monkeypatch.setattr(inputs_mod.InputCopy, "_hash", unreadable)
+
+
+@pytest.mark.parametrize("fault, message", [
+    (_full_disk, r"raw archive \(.*_inputs/in-.*\): No space left on device"),
+    (_unreadable, r"raw archive \(for .*in\.dbn\.zst\): Input/output error"),
+], ids=["full-disk", "unreadable"])
+def test_an_input_whose_copy_cannot_be_kept_fails_the_run_before_it_counts(
+        tmp_path, monkeypatch, records, fault, message):
+    """The archive copy is finished beside the run; when it fails (a full disk, a read error
+    while hashing), the run stops with a message naming the archive or the file, before the
+    input's checkpoint: no ledger names a source that is not on disk, and a rerun plans the
+    whole input again."""
+    path = write_dbn(tmp_path / "in.dbn.zst", records, **OPTS)
+    settings = _settings(tmp_path)
+    fault(monkeypatch)
+    with pytest.raises(StoreError, match=message):
         B.ingest_dbn_files(settings, [path], out=io.StringIO())
     assert _temps(tmp_path) == []
     assert not list((tmp_path / "store" / "GLBX.MDP3" / "raw" / "_inputs").glob("*.dbn.zst"))
@@ -135,13 +160,7 @@ def test_a_copy_that_cannot_be_kept_fails_the_run_before_its_input_counts(tmp_pa
     B.execute(plan)
     item = B.archived(plan.items[0], plan.settings, plan.dataset)
     assert item.path.read_bytes() == path.read_bytes()
-    writers = B.make_writers(settings, "GLBX.MDP3", "raw_symbol")
-    try:
-        states = B.read_file_states(settings, writers, "GLBX.MDP3", ["ESH4"])
-    finally:
-        writers.close_all()
-    assert [s.source for s in states["ESH4"].ledger.spans] == [item.source]
-
+    assert _ledger_sources(settings) == [item.source]
 
 def test_planning_does_not_wait_for_the_hash_and_no_ledger_names_the_input_before_it(
         tmp_path, monkeypatch, records):
@@ -172,30 +191,7 @@ def test_planning_does_not_wait_for_the_hash_and_no_ledger_names_the_input_befor
     assert not release.is_set()
     B.execute(plan)
     assert sum(decoded) == len(records)
-    writers = B.make_writers(settings, "GLBX.MDP3", "raw_symbol")
-    try:
-        states = B.read_file_states(settings, writers, "GLBX.MDP3", ["ESH4"])
-    finally:
-        writers.close_all()
     name = f"_inputs/in-{hashlib.sha256(path.read_bytes()).hexdigest()[:16]}.dbn.zst"
-    assert [s.source for s in states["ESH4"].ledger.spans] == [name]
+    assert _ledger_sources(settings) == [name]
     assert (tmp_path / "store" / "GLBX.MDP3" / "raw" / name).read_bytes() == path.read_bytes()
 
-
-def test_an_input_that_cannot_be_read_to_its_end_fails_the_run_before_it_counts(tmp_path, monkeypatch, records):
-    """A read error while hashing (beside the run) stops the run before the input's checkpoint
-    with one message naming the file; nothing is archived and a rerun plans it whole."""
-    path = write_dbn(tmp_path / "in.dbn.zst", records, **OPTS)
-    settings = _settings(tmp_path)
-
-    def unreadable(self):
-        self._hash_error.append(OSError(5, "Input/output error"))
-
-    monkeypatch.setattr(inputs_mod.InputCopy, "_hash", unreadable)
-    with pytest.raises(StoreError, match=r"raw archive \(for .*in\.dbn\.zst\): Input/output error"):
-        B.ingest_dbn_files(settings, [path], out=io.StringIO())
-    assert _temps(tmp_path) == []
-    assert not list((tmp_path / "store" / "GLBX.MDP3" / "raw" / "_inputs").glob("*.dbn.zst"))
-    monkeypatch.undo()
-    plan = B.plan_dbn_files(settings, [path], out=io.StringIO())
-    assert [i.spans for i in plan.items] == [{"ESH4": ((START, END),)}]
