@@ -15,8 +15,9 @@ The order that makes this safe: a ledger entry naming a source is written only a
 :func:`wait_archived` saw that source's copy renamed into place and fsynced, and the name is
 only known from then on (:func:`archived_source`): backfill waits before each input's
 checkpoint, a cluster before it hands out any task, a rebuild before it reads the archive.
-A copy that fails (a full disk) or a file that cannot be read to its end fails the run
-there, with nothing recorded for that input.
+A copy that fails (a full disk), a file that cannot be read to its end, or one rewritten
+while the run read it (its size, time or inode not what planning saw) fails the run there,
+with nothing recorded for that input.
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ class InputCopy:
     _error: list[BaseException] = field(default_factory=list)
     _hash_error: list[BaseException] = field(default_factory=list)
     _kept: bool = False
+    _seen: tuple[int, ...] | None = None  # the file as planning found it (see _signature)
 
     @property
     def rel(self) -> str:
@@ -117,7 +119,7 @@ class InputCopy:
         tmp = temp_beside(raw / INPUTS_DIR / path.name)
         end = None
         copying = None
-        got = cls(path, tmp, None)
+        got = cls(path, tmp, None, _seen=_signature(path))
         try:
             if scan:
                 with open(tmp, "xb") as f_out:
@@ -177,7 +179,7 @@ class InputCopy:
         hash is done (a later rebuild reads it there); :func:`wait_archived` waits for it and
         :func:`archived_source` then gives its name."""
         copying = self._copying
-        job = _Job(self.path)
+        job = _Job(self.path, self._seen)
 
         def finish() -> None:
             try:
@@ -219,8 +221,9 @@ class _Job:
     """An input's copy being finished into the archive on its own thread; its name (once
     archived) or its error kept for the waiter."""
 
-    def __init__(self, source: Path):
+    def __init__(self, source: Path, seen: tuple[int, ...] | None):
         self.source = source  # the user's file
+        self.seen = seen  # its _signature when planning read it
         self.dest: Path | None = None  # in the archive, once hashed
         self.rel: str | None = None  # set once archived
         self.error: BaseException | None = None
@@ -262,6 +265,23 @@ def wait_archived(paths: list[Path] | None = None, check: bool = True) -> None:
                 why = getattr(job.error, "strerror", None) or job.error
                 where = job.dest or f"for {job.source}"
                 raise StoreError(f"cannot keep a copy of the input in the raw archive ({where}): {why}")
+        elif check and job.seen is not None and _signature(job.source) not in (None, job.seen):
+            # The run read the user's file beside its hash and copy: rewritten meanwhile, the
+            # bars may not be the archived copy's. Nothing is recorded for it. (Removed: what
+            # was read stays what it was, through the descriptors that read it.)
+            raise StoreError(f"{job.source} changed while this run read it (its size, time or inode "
+                             "is not what planning found); nothing is recorded for it: run the backfill "
+                             "again, then `streambars repair FILE` on the symbol's store file if it "
+                             "was rewritten in the middle of the run")
+
+
+def _signature(path: Path) -> tuple[int, ...] | None:
+    """What tells a rewritten file from the one planning read (None: cannot stat it)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def archived_source(path: Path) -> str:

@@ -195,3 +195,17 @@ def test_planning_does_not_wait_for_the_hash_and_no_ledger_names_the_input_befor
     assert _ledger_sources(settings) == [name]
     assert (tmp_path / "store" / "GLBX.MDP3" / "raw" / name).read_bytes() == path.read_bytes()
 
+
+
+def test_an_input_rewritten_during_the_run_fails_it_before_it_counts(tmp_path, records):
+    """The run reads the user's file beside its hash and copy: a file rewritten after planning
+    (another size or time) stops the run at the input's checkpoint, naming it; no ledger
+    counts it."""
+    path = write_dbn(tmp_path / "in.dbn.zst", records, **OPTS)
+    settings = _settings(tmp_path)
+    plan = B.plan_dbn_files(settings, [path], out=io.StringIO())
+    wait_archived([path])  # the copy and hash of what planning found
+    write_dbn(path, records[: len(records) // 2], **OPTS)  # rewritten in place
+    with pytest.raises(StoreError, match=r"in\.dbn\.zst changed while this run read it"):
+        B.execute(plan)
+    assert _ledger_sources(settings) == []
