@@ -51,7 +51,7 @@ from .engine import Aggregator
 from .engine.kernel import S_LAST
 from .errors import CostLimitError, Interrupted, SourceError, UsageError
 from .fsio import pid_alive
-from .inputs import INPUTS_DIR, UNNAMED, InputCopy, archived_source, wait_archived
+from .inputs import INPUTS_DIR, UNNAMED, InputCopy, archived_source, check_unchanged, wait_archived
 from .ledger import EMPTY, LIVE, Ledger, Span, live_span, span_key
 from .observe import Progress, ProgressDisplay, get_logger
 from .pipeline import (
@@ -733,6 +733,7 @@ class Runner:
                     progress.input_bytes = base + (size or 0)
                     if item.read_from is not None:  # its source is named only once archived
                         await anyio.to_thread.run_sync(wait_archived, [item.read_from])
+                        check_unchanged(item.read_from)  # read beside that copy: the same file?
                         item = archived(item, self.settings, self.dataset)
                     for name, spans in item.spans.items():
                         if item.source != LIVE:

@@ -179,7 +179,10 @@ class InputCopy:
         hash is done (a later rebuild reads it there); :func:`wait_archived` waits for it and
         :func:`archived_source` then gives its name."""
         copying = self._copying
-        job = _Job(self.path, self._seen)
+        job = _Job(self.path)
+        with _LOCK:
+            _NAMED.pop(self.path, None)  # a name from an earlier plan of this file is not this one's
+            _SEEN[self.path] = self._seen
 
         def finish() -> None:
             try:
@@ -221,9 +224,8 @@ class _Job:
     """An input's copy being finished into the archive on its own thread; its name (once
     archived) or its error kept for the waiter."""
 
-    def __init__(self, source: Path, seen: tuple[int, ...] | None):
+    def __init__(self, source: Path):
         self.source = source  # the user's file
-        self.seen = seen  # its _signature when planning read it
         self.dest: Path | None = None  # in the archive, once hashed
         self.rel: str | None = None  # set once archived
         self.error: BaseException | None = None
@@ -242,9 +244,11 @@ class _Job:
         self.thread.start()
 
 
-#: The user's file -> its copy's job, while this process runs (an archived job stays: its
-#: name is looked up after the wait).
+#: The user's file -> its copy's job, until a wait saw it end; then its name (if archived),
+#: and what planning found of the file (see check_unchanged)
 _PENDING: dict[Path, _Job] = {}
+_NAMED: dict[Path, str] = {}
+_SEEN: dict[Path, tuple[int, ...] | None] = {}
 _LOCK = threading.Lock()
 
 
@@ -258,21 +262,28 @@ def wait_archived(paths: list[Path] | None = None, check: bool = True) -> None:
     for job in jobs:
         assert job.thread is not None
         job.thread.join()
-        if job.error is not None:
-            with _LOCK:
-                _PENDING.pop(job.source, None)
-            if check:
-                why = getattr(job.error, "strerror", None) or job.error
-                where = job.dest or f"for {job.source}"
-                raise StoreError(f"cannot keep a copy of the input in the raw archive ({where}): {why}")
-        elif check and job.seen is not None and _signature(job.source) not in (None, job.seen):
-            # The run read the user's file beside its hash and copy: rewritten meanwhile, the
-            # bars may not be the archived copy's. Nothing is recorded for it. (Removed: what
-            # was read stays what it was, through the descriptors that read it.)
-            raise StoreError(f"{job.source} changed while this run read it (its size, time or inode "
-                             "is not what planning found); nothing is recorded for it: run the backfill "
-                             "again, then `streambars repair FILE` on the symbol's store file if it "
-                             "was rewritten in the middle of the run")
+        with _LOCK:
+            if _PENDING.get(job.source) is job:
+                del _PENDING[job.source]
+            if job.rel is not None:
+                _NAMED[job.source] = job.rel
+        if job.error is not None and check:
+            why = getattr(job.error, "strerror", None) or job.error
+            where = job.dest or f"for {job.source}"
+            raise StoreError(f"cannot keep a copy of the input in the raw archive ({where}): {why}")
+
+
+def check_unchanged(path: Path) -> None:
+    """Raise StoreError if the user's file ``path`` is not the one planning read (its size,
+    time or inode): the run read it beside its hash and copy, so its bars may not be the
+    archived copy's. A file removed meanwhile passes: what was read stays what it was."""
+    with _LOCK:
+        seen = _SEEN.get(path)
+    if seen is not None and _signature(path) not in (None, seen):
+        raise StoreError(f"{path} changed while this run read it (its size, time or inode is not "
+                         "what planning found); nothing is recorded for it: run the backfill again, "
+                         "then `streambars repair FILE` on the symbol's store file if it was "
+                         "rewritten in the middle of the run")
 
 
 def _signature(path: Path) -> tuple[int, ...] | None:
@@ -288,7 +299,7 @@ def archived_source(path: Path) -> str:
     """The ledger source of the user's file ``path``, whose copy :func:`wait_archived` saw
     archived (a programming error otherwise: no ledger may name a copy not on disk)."""
     with _LOCK:
-        job = _PENDING.get(path)
-    if job is None or job.rel is None:
+        rel = _NAMED.get(path)
+    if rel is None:
         raise RuntimeError(f"{path}: no archived copy to name (wait_archived first)")
-    return job.rel
+    return rel
