@@ -114,7 +114,6 @@ class InputCopy:
     def read(cls, raw: Path, info: dbnfile.DbnInfo, schema: str, clock: str, scan: bool) -> InputCopy:
         """Hash ``info.path`` and start its copy into a temp file in the archive; with ``scan``
         decode it too (the copy then rides on that one read, compressed if it is plain)."""
-        digest = hashlib.sha256()
         path = info.path
         tmp = temp_beside(raw / INPUTS_DIR / path.name)
         end = None
@@ -122,6 +121,7 @@ class InputCopy:
         got = cls(path, tmp, None, _seen=_signature(path))
         try:
             if scan:
+                digest = hashlib.sha256()
                 with open(tmp, "xb") as f_out:
                     out = SyncBehind(f_out)  # keep() fsyncs it: most of it is on disk by then
                     pack = None if info.compressed else zstandard.ZstdCompressor(level=3).compressobj()
@@ -136,6 +136,7 @@ class InputCopy:
                             out.write(pack.flush())
                     finally:
                         out.wait()
+                got._name(digest.hexdigest())
             else:  # compressed: copied as it is, and hashed, both beside the run
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
                 copying = threading.Thread(target=got._copy, args=(fd,), name="input-copy")
@@ -148,8 +149,6 @@ class InputCopy:
                 copying.join()
             tmp.unlink(missing_ok=True)
             raise
-        if got._hashing is None:
-            got._name(digest.hexdigest())
         got.proven_end, got._copying = end, copying
         return got
 
@@ -158,7 +157,9 @@ class InputCopy:
         digest = hashlib.sha256()
         try:
             with open(self.path, "rb") as f:
-                while not self._stop.is_set() and (chunk := f.read(_READ)):
+                while chunk := f.read(_READ):
+                    if self._stop.is_set():
+                        return  # dropped: a part of the file must never name it
                     digest.update(chunk)
                     self.size += len(chunk)
         except BaseException as e:  # reported by rel (the keep job, or whoever asks)

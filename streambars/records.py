@@ -147,7 +147,8 @@ class RecordBatch:
 
 @dataclass(slots=True)  # slots: built once per engine call, ~0.1 us of a one-record call
 class BarBatch:
-    """Closed bars, in the order they closed (so per series and timeframe, ts ascending)."""
+    """Closed bars, each (series, timeframe) in time order (across timeframes in no set
+    order: the engine emits a run of 1s bars level by level)."""
 
     bars: np.ndarray  # TAGGED_BAR_DTYPE
     #: rows per (series, timeframe) (int64, n_series x n_timeframes), when the pipeline
