@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 import threading
+import types
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -131,10 +132,11 @@ def _full_disk(monkeypatch) -> None:
 
 
 def _unreadable(monkeypatch) -> None:
-    def unreadable(self):  # the hash, beside the run, meets a read error
-        self._hash_error.append(OSError(5, "Input/output error"))
+    class Unreadable:  # the hash, beside the run, meets a read error
+        def update(self, chunk):
+            raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(inputs_mod.InputCopy, "_hash", unreadable)
+    monkeypatch.setattr(inputs_mod, "hashlib", types.SimpleNamespace(sha256=Unreadable))
 
 
 @pytest.mark.parametrize("fault, message", [
