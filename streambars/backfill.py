@@ -51,7 +51,15 @@ from .engine import Aggregator
 from .engine.kernel import S_LAST
 from .errors import CostLimitError, Interrupted, SourceError, UsageError
 from .fsio import pid_alive
-from .inputs import INPUTS_DIR, UNNAMED, InputCopy, archived_source, check_unchanged, wait_archived
+from .inputs import (
+    INPUTS_DIR,
+    UNNAMED,
+    InputCopy,
+    archived_source,
+    check_unchanged,
+    discard_archived,
+    wait_archived,
+)
 from .ledger import EMPTY, LIVE, Ledger, Span, live_span, span_key
 from .observe import Progress, ProgressDisplay, get_logger
 from .pipeline import (
@@ -874,6 +882,8 @@ async def _decode(
         except SourceError as e:
             if type(e) is not SourceError or not item.from_user:
                 raise
+            if item.read_from is not None:  # its copy is not kept: nothing will name it
+                await anyio.to_thread.run_sync(discard_archived, item.read_from)
             # a --from-dbn file is checked as it is decoded here: name the user's file too
             raise SourceError(f"{e} (input {item.label})") from None
         if batch is sentinel:

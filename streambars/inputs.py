@@ -17,7 +17,9 @@ only known from then on (:func:`archived_source`): backfill waits before each in
 checkpoint, a cluster before it hands out any task, a rebuild before it reads the archive.
 A copy that fails (a full disk), a file that cannot be read to its end, or one rewritten
 while the run read it (its size, time or inode not what planning saw) fails the run there,
-with nothing recorded for that input.
+with nothing recorded for that input. A file whose records the run finds damaged has the
+copy this run made removed again (:func:`discard_archived`): a repair that rebuilds from
+whatever the archive holds would read it back.
 """
 
 from __future__ import annotations
@@ -182,7 +184,7 @@ class InputCopy:
         copying = self._copying
         job = _Job(self.path)
         with _LOCK:
-            _NAMED.pop(self.path, None)  # a name from an earlier plan of this file is not this one's
+            _DONE.pop(self.path, None)  # an earlier plan's copy of this file is not this one's
             _SEEN[self.path] = self._seen
 
         def finish() -> None:
@@ -198,6 +200,7 @@ class InputCopy:
                     if copying is not None and self.tmp.stat().st_size != self.size:
                         raise StoreError(f"{self.path} changed while it was read")
                     replace_file(self.tmp, dest)
+                    job.made = True
                 job.rel = self.rel
             finally:
                 if job.rel is None:  # failed (the hash too): no copy left running
@@ -229,6 +232,7 @@ class _Job:
         self.source = source  # the user's file
         self.dest: Path | None = None  # in the archive, once hashed
         self.rel: str | None = None  # set once archived
+        self.made = False  # this job put the copy there (not an earlier run)
         self.error: BaseException | None = None
         self.thread: threading.Thread | None = None
 
@@ -245,10 +249,11 @@ class _Job:
         self.thread.start()
 
 
-#: The user's file -> its copy's job, until a wait saw it end; then its name (if archived),
-#: and what planning found of the file (see check_unchanged)
+#: The user's file -> its copy's job, until a wait saw it end; then the job done (its name:
+#: archived_source; its copy: discard_archived), and what planning found of the file
+#: (check_unchanged)
 _PENDING: dict[Path, _Job] = {}
-_NAMED: dict[Path, str] = {}
+_DONE: dict[Path, _Job] = {}
 _SEEN: dict[Path, tuple[int, ...] | None] = {}
 _LOCK = threading.Lock()
 
@@ -266,12 +271,23 @@ def wait_archived(paths: list[Path] | None = None, check: bool = True) -> None:
         with _LOCK:
             if _PENDING.get(job.source) is job:
                 del _PENDING[job.source]
-            if job.rel is not None:
-                _NAMED[job.source] = job.rel
+            _DONE[job.source] = job
         if job.error is not None and check:
             why = getattr(job.error, "strerror", None) or job.error
             where = job.dest or f"for {job.source}"
             raise StoreError(f"cannot keep a copy of the input in the raw archive ({where}): {why}")
+
+
+def discard_archived(path: Path) -> None:
+    """Remove the archive copy this process made of the user's file ``path``, whose run
+    found its records damaged: no ledger names it, and a repair that rebuilds a file from
+    whatever the archive holds (repair.from_archive) would read it back. A copy an earlier
+    run archived is left alone."""
+    wait_archived([path], check=False)
+    with _LOCK:
+        job = _DONE.pop(path, None)
+    if job is not None and job.made and job.dest is not None:
+        job.dest.unlink(missing_ok=True)
 
 
 def check_unchanged(path: Path) -> None:
@@ -300,7 +316,8 @@ def archived_source(path: Path) -> str:
     """The ledger source of the user's file ``path``, whose copy :func:`wait_archived` saw
     archived (a programming error otherwise: no ledger may name a copy not on disk)."""
     with _LOCK:
-        rel = _NAMED.get(path)
+        job = _DONE.get(path)
+    rel = job.rel if job is not None else None
     if rel is None:
         raise RuntimeError(f"{path}: no archived copy to name (wait_archived first)")
     return rel

@@ -110,6 +110,8 @@ def test_damaged_file_with_an_end_stops_the_run_before_its_checkpoint(tmp_path, 
     with pytest.raises(SourceError, match="bad.dbn.zst"):
         B.ingest_dbn_files(settings, [bad], out=io.StringIO())
     assert _temps(tmp_path) == []
+    # its copy is not kept either: a repair rebuilding from the archive would read it back
+    assert not list((tmp_path / "store" / "GLBX.MDP3" / "raw" / "_inputs").glob("*.dbn.zst"))
     # nothing counts it as ingested: the whole file is planned again
     plan = B.plan_dbn_files(settings, [tmp_path / "good.dbn.zst"], out=io.StringIO())
     assert [i.spans for i in plan.items] == [{"ESH4": ((START, END),)}]
