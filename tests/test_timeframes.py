@@ -74,3 +74,18 @@ def test_boundaries_equal_a_day_by_day_zoneinfo_walk(spec):
         ref.append(int(datetime.combine(d, s.time_of_day, tzinfo=zone).timestamp()) * 10**9)
         d += timedelta(days=1)
     np.testing.assert_array_equal(b, np.array(ref, np.int64))
+
+
+@pytest.mark.parametrize("spec", ["17:00 America/Chicago", "00:00 UTC", "02:30 Europe/London",
+                                  "09:00 Asia/Kolkata", "18:00 Australia/Lord_Howe", "17:00:30 America/Chicago"])
+def test_boundary_step_answers_what_a_pass_over_every_boundary_answers(spec):
+    """Aggregator asks boundary_step() % x instead of scanning ~40k boundaries for each
+    timeframe x: both must say the same for lengths that do and do not line up (Kolkata is
+    UTC+5:30, Lord Howe shifts by half an hour at DST, a time of day with seconds)."""
+    s = Session.parse(spec)
+    b = s.boundaries()
+    step = s.boundary_step()
+    assert step > 0
+    for seconds in (1, 5, 30, 60, 300, 900, 1800, 3600, 7200, 86400, 7, 90):
+        x = seconds * 10**9
+        assert (step % x == 0) == (not np.any(b % x)), (spec, seconds)

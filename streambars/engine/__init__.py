@@ -109,8 +109,10 @@ class Aggregator:
         interval = INPUT_INTERVAL_NS[input_kind]
         daily = any(t.is_daily for t in tfs)
         bounds = session.boundaries() if daily else np.zeros(1, np.int64)
+        # every boundary is a multiple of x iff this step is (0 without daily bars: any x)
+        self._bound_step = session.boundary_step() if daily else 0
         for t in tfs:
-            if interval and (t.nanos % interval or (t.is_daily and np.any(bounds % interval))):
+            if interval and (t.nanos % interval or (t.is_daily and self._bound_step % interval)):
                 raise ValueError(
                     f"timeframe {t.name} cannot be built from {input_kind} records: every "
                     f"timeframe (and the session boundary {session}) must be a whole multiple "
@@ -141,10 +143,12 @@ class Aggregator:
         head[K.H_INTERVAL] = interval
         head[K.H_MAX_VOLUME] = np.uint64(max_volume).view(np.int64) if max_volume else 0
         head[K.H_LAST_ROOT] = max(k for k in range(n) if cfg[k, K.C_SOURCE] < 0)
-        head[K.H_DROP_MASK] = ALWAYS_DROP_MASK | sum(1 << b for b in range(len(pol)) if pol[b] == Policy.DROP)
-        head[K.H_FAIL_MASK] = sum(1 << b for b in range(len(pol)) if pol[b] == Policy.FAIL)
+        codes = pol.tolist()  # plain ints: each comparison with an enum member costs ~1 us
+        self.policies = {name: Policy(code) for name, code in zip(RECORD_RULE_NAMES, codes, strict=True)}
+        drop, fail = int(Policy.DROP), int(Policy.FAIL)
+        head[K.H_DROP_MASK] = ALWAYS_DROP_MASK | sum(1 << b for b, code in enumerate(codes) if code == drop)
+        head[K.H_FAIL_MASK] = sum(1 << b for b, code in enumerate(codes) if code == fail)
         self._head, self._cfg = head, cfg
-        self.policies = {name: Policy(int(pol[b])) for b, name in enumerate(RECORD_RULE_NAMES)}
 
         self._min_out = n  # the kernel needs room for every level's bar before each record
         self._out = np.empty(max(int(out_capacity), 2 * n), TAGGED_BAR_DTYPE)
@@ -161,7 +165,7 @@ class Aggregator:
         for j in range(k - 1, -1, -1):
             tj = self.timeframes[j]
             if tk.is_daily:
-                if tj.divides_day and not np.any(self._bounds % tj.nanos):
+                if tj.divides_day and self._bound_step % tj.nanos == 0:
                     return j
             elif tk.seconds % tj.seconds == 0:
                 return j
