@@ -221,19 +221,17 @@ class Aggregator:
         b = batch
         s, t, o, h, lo, c, v = b.series, b.ts_event, b.open, b.high, b.low, b.close, b.volume
         # The bars go straight into rows that become the result, with no copy: a small batch
-        # (live feeding: one record) takes the next rows of a pool shared by the calls, which
-        # it never hands out twice; a larger one a fresh array sized for the usual case
-        # (about 1.6 bars a record with 16 timeframes). A batch that closes more bars (or a
-        # huge one) falls back to the reused buffer, accumulated as bytes.
+        # (live feeding: one record) is written from row pos of a pool shared by the calls,
+        # which never hands a row out twice; a larger one into a fresh array sized for the
+        # usual case (about 1.6 bars a record with 16 timeframes). A batch that closes more
+        # bars (or a huge one) falls back to the reused buffer, accumulated as bytes.
         n = t.shape[0]
-        pos = -1
+        pos = 0
         if n < 64:
-            pos = self._pos
-            end = pos + 2 * n + self._min_out
-            if end > self._pool.shape[0]:
-                self._pool = np.empty(_POOL_ROWS, TAGGED_BAR_DTYPE)
-                pos, end = 0, 2 * n + self._min_out
-            out = self._pool[pos:end]
+            out, pos = self._pool, self._pos
+            if pos + 2 * n + self._min_out > out.shape[0]:
+                out = self._pool = np.empty(_POOL_ROWS, TAGGED_BAR_DTYPE)
+                pos = 0
         else:
             cap = 2 * n + self._min_out
             out = self._out if cap > self._out.shape[0] else np.empty(cap, TAGGED_BAR_DTYPE)
@@ -244,23 +242,23 @@ class Aggregator:
             (s.strides, t.strides, o.strides, h.strides, lo.strides, c.strides, v.strides) == _STRIDES)
         call = _direct if ok else _aggregate
         try:  # the fast path, kept lean: live feeding calls this once per record
-            done, nout, status, info = call(s, t, o, h, lo, c, v, 0, self._st, out)
+            done, nout, status, info = call(s, t, o, h, lo, c, v, 0, self._st, out, pos)
         except TypeError:  # another dtype, or a non-contiguous or read-only view: convert once
             cols = (s, t, o, h, lo, c, v)
             cols = tuple(np.require(c, dt, "CW") for c, dt in zip(cols, _COLUMN_DTYPES, strict=True))
             call = _aggregate
-            done, nout, status, info = call(*cols, 0, self._st, out)
+            done, nout, status, info = call(*cols, 0, self._st, out, pos)
         else:
             if status == _OK and out is not self._out:
-                if nout:
-                    if pos >= 0:
-                        self._pos = pos + nout
-                    return BarBatch(out[:nout])
+                if nout > pos:
+                    if out is self._pool:
+                        self._pos = nout
+                    return BarBatch(out[pos:nout])
                 return BarBatch(_NO_BARS)
             cols = (s, t, o, h, lo, c, v)
         acc = bytearray()
-        if out is not self._out:  # the first chunk went into the fresh array
-            acc += memoryview(out.view(np.uint8))[: nout * _ROW]
+        if out is not self._out:  # the first chunk went into the pool or the fresh array
+            acc += memoryview(out.view(np.uint8))[pos * _ROW : nout * _ROW]
             if status == K.OK:
                 return BarBatch(_bars(acc))
             nout = 0
@@ -276,7 +274,7 @@ class Aggregator:
                 raise self._violation(cols, done, info, acc)
             # the columns the first call took, the same way: the dispatcher refuses read-only
             # columns that the entry point reads well (a live record's broadcast prices)
-            done, nout, status, info = call(*cols, done, self._st, self._out)
+            done, nout, status, info = call(*cols, done, self._st, self._out, 0)
         return BarBatch(_bars(acc))
 
     def _violation(self, cols, index: int, bit: int, acc: bytearray) -> RuleViolationError:
@@ -308,7 +306,7 @@ class Aggregator:
         st[K.H_MODE] = K.MODE_FINISH if close_all else K.MODE_FLUSH
         try:
             while s < self.n_series:
-                s, nout, _, _ = _direct(*_NO_RECORDS, s, st, self._out)
+                s, nout, _, _ = _direct(*_NO_RECORDS, s, st, self._out, 0)
                 acc += self._out_bytes[: nout * _ROW]
         finally:
             st[K.H_MODE] = K.MODE_RECORDS

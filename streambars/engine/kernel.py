@@ -324,7 +324,7 @@ def _reset_marks(st):
 
 
 @numba.njit(cache=True, inline="always", _nrt=False)
-def _flush(until, close_all, first_series, st, out):
+def _flush(until, close_all, first_series, st, out, out_start):
     """Close the bars of series ``first_series..`` whose end is <= ``until`` (all if close_all).
 
     Raises each series' late floor to ``until`` (close_all: to the end of the latest bar it
@@ -338,7 +338,7 @@ def _flush(until, close_all, first_series, st, out):
     cfg = st[_U(H_CFG)]
     cap = out.shape[0]
     _reset_marks(st)
-    nout = 0
+    nout = out_start
     t = np.iinfo(np.int64).max if close_all else until
     for s in range(first_series, n_series):
         if nout + n_levels > cap:
@@ -806,16 +806,18 @@ _I4 = types.Array(types.int32, 1, "C")
 _I8 = types.Array(types.int64, 1, "C")
 _U8 = types.Array(types.uint64, 1, "C")
 _OUT = numba.typeof(np.empty(1, TAGGED_BAR_DTYPE))
-AGGREGATE_SIG = types.UniTuple(types.int64, 4)(_I4, _I8, _I8, _I8, _I8, _I8, _U8, types.int64, _I8, _OUT)
+AGGREGATE_SIG = types.UniTuple(types.int64, 4)(_I4, _I8, _I8, _I8, _I8, _I8, _U8, types.int64, _I8, _OUT, types.int64)
 
 
 @numba.njit(AGGREGATE_SIG, cache=True, nogil=True, _nrt=False)
-def aggregate(series, ts, op, hi, lo, cl, vol, start, st, out):
-    """Fold records ``start..`` into the arena, emitting closed bars into ``out``.
+def aggregate(series, ts, op, hi, lo, cl, vol, start, st, out, out_start):
+    """Fold records ``start..`` into the arena, emitting closed bars into ``out`` from row
+    ``out_start`` on (a live caller's shared pool: its result is then one slice, not two).
 
-    Returns ``(next_record, n_out, status, info)``: status OK (all consumed), FULL (output
-    buffer full: call again from next_record), GROW (record next_record names a series the
-    arena has no room for; ``info`` is the largest series index in the rest of the batch),
+    Returns ``(next_record, n_out, status, info)``, n_out the row after the last bar written:
+    status OK (all consumed), FULL (output buffer full: call again from next_record), GROW
+    (record next_record names a series the arena has no room for; ``info`` is the largest
+    series index in the rest of the batch),
     BAD_SERIES (negative series index) or FAIL (record next_record broke rule bit ``info``
     whose policy is fail; it is counted but not applied).
 
@@ -825,7 +827,7 @@ def aggregate(series, ts, op, hi, lo, cl, vol, start, st, out):
     """
     st[_U(H_FOLD_OVERFLOW)] = 0
     if st[_U(H_MODE)] != MODE_RECORDS:
-        s, nout = _flush(st[_U(H_UNTIL)], st[_U(H_MODE)] == MODE_FINISH, start, st, out)
+        s, nout = _flush(st[_U(H_UNTIL)], st[_U(H_MODE)] == MODE_FINISH, start, st, out, out_start)
         return s, nout, OK, 0
     n = ts.shape[0]
     n_levels = st[_U(H_LEVELS)]
@@ -873,7 +875,7 @@ def aggregate(series, ts, op, hi, lo, cl, vol, start, st, out):
     elif last_root == 0 and not exact0:
         run = RUN_ROOT
     _reset_marks(st)
-    nout = 0
+    nout = out_start
     i = start - 1
     while True:
         i += 1
