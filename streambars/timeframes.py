@@ -147,30 +147,40 @@ class Session:
         return int(local.timestamp()) * NS_PER_SECOND + local.microsecond * 1000
 
 
+#: Days between two look-ups of a zone's offset when building session boundaries: a week
+#: whose first and last day have one offset is taken to have it throughout. A month was
+#: once used and missed pairs of changes inside one month (Cairo's Ramadan break in
+#: September 2010, a two-week DST in north-east Brazil in October 2000); no zone in the
+#: tz database changes twice within a week from 1990 to 2100 (checked zone by zone).
+_OFFSET_PROBE_DAYS = 7
+
+
 @lru_cache(maxsize=8)
 def _session_boundaries(tod: time, tz: str, first_year: int, last_year: int) -> np.ndarray:
     # A boundary is local midnight + time of day - the UTC offset in force then. Offsets change
-    # only at DST transitions, so ask the zone once a month and walk day by day only through
-    # months whose offset changes: ~2k zone look-ups instead of ~40k, a few ms per process.
+    # only at DST (and the like) transitions, so ask the zone once a week and walk day by day
+    # only through weeks whose offset changes: ~7k zone look-ups instead of ~40k.
     zone = ZoneInfo(tz)
     tod_seconds = tod.hour * 3600 + tod.minute * 60 + tod.second
-    offsets: list[int] = []
 
     def offset(d: date) -> int:
         return int(zone.utcoffset(datetime.combine(d, tod)).total_seconds())
 
-    for year in range(first_year, last_year + 1):
-        for month in range(1, 13):
-            first = date(year, month, 1)
-            nxt = date(year + (month == 12), month % 12 + 1, 1)
-            o_first, o_next = offset(first), offset(nxt)
-            n = (nxt - first).days
-            if o_first == o_next:
-                offsets.extend([o_first] * n)
-            else:
-                offsets.extend(offset(first + timedelta(days=k)) for k in range(n))
-    epoch_day = (date(first_year, 1, 1) - date(1970, 1, 1)).days
-    day_index = np.arange(epoch_day, epoch_day + len(offsets), dtype=np.int64)
+    first, end = date(first_year, 1, 1), date(last_year + 1, 1, 1)
+    n_days = (end - first).days
+    offsets: list[int] = []
+    step = _OFFSET_PROBE_DAYS
+    o_here = offset(first)
+    for k in range(0, n_days, step):
+        n = min(step, n_days - k)
+        o_next = offset(first + timedelta(days=k + n))
+        if o_here == o_next:
+            offsets.extend([o_here] * n)
+        else:
+            offsets.extend(offset(first + timedelta(days=k + i)) for i in range(n))
+        o_here = o_next
+    epoch_day = (first - date(1970, 1, 1)).days
+    day_index = np.arange(epoch_day, epoch_day + n_days, dtype=np.int64)
     out = (day_index * SECONDS_PER_DAY + tod_seconds - np.asarray(offsets, np.int64)) * NS_PER_SECOND
     out.setflags(write=False)
     return out

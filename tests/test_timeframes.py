@@ -89,3 +89,24 @@ def test_boundary_step_answers_what_a_pass_over_every_boundary_answers(spec):
     for seconds in (1, 5, 30, 60, 300, 900, 1800, 3600, 7200, 86400, 7, 90):
         x = seconds * 10**9
         assert (step % x == 0) == (not np.any(b % x)), (spec, seconds)
+
+
+@pytest.mark.parametrize(("tz", "first_year", "last_year"), [
+    ("Africa/Cairo", 2010, 2010),  # DST broken for Ramadan until 10 September, ended 30 September
+    ("America/Fortaleza", 2000, 2000),  # DST from 8 to 22 October 2000
+    ("America/Noronha", 2000, 2000),
+    ("Asia/Gaza", 2040, 2041),  # rules for Ramadan, both changes inside one month
+])
+def test_boundaries_see_two_offset_changes_inside_one_month(tz, first_year, last_year):
+    """Boundaries are built from the zone's offset asked once a week (see _OFFSET_PROBE_DAYS);
+    asked once a month, a month whose first days of it and of the next share an offset was
+    taken to keep it, and these zones' daily bars were an hour off for up to three weeks."""
+    from datetime import timedelta
+    from zoneinfo import ZoneInfo
+
+    s = Session.parse(f"17:00 {tz}")
+    zone, d, ref = ZoneInfo(tz), date(first_year, 1, 1), []
+    while d < date(last_year + 1, 1, 1):
+        ref.append(int(datetime.combine(d, s.time_of_day, tzinfo=zone).timestamp()) * 10**9)
+        d += timedelta(days=1)
+    np.testing.assert_array_equal(s.boundaries(first_year, last_year), np.array(ref, np.int64))
