@@ -49,7 +49,7 @@ from . import archive
 from .config import Settings, check_timeframes_fit, load_api_key, stype_hint
 from .engine import Aggregator
 from .engine.kernel import S_LAST
-from .errors import CostLimitError, Interrupted, SourceError, UsageError
+from .errors import CostLimitError, DamagedInputError, Interrupted, SourceError, UsageError
 from .fsio import pid_alive
 from .inputs import (
     INPUTS_DIR,
@@ -884,8 +884,11 @@ async def _decode(
                 raise
             if item.read_from is not None:  # its copy is not kept: nothing will name it
                 await anyio.to_thread.run_sync(discard_archived, item.read_from)
+                copy = ""
+            else:  # a cluster worker reads the archive copy: its submitter removes it
+                copy = str(item.path)
             # a --from-dbn file is checked as it is decoded here: name the user's file too
-            raise SourceError(f"{e} (input {item.label})") from None
+            raise DamagedInputError(f"{e} (input {item.label})", archive_copy=copy) from None
         if batch is sentinel:
             return
         batch = keep(batch)

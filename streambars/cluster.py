@@ -52,8 +52,8 @@ from .backfill import (
     print_summary,
 )
 from .config import API_KEY_ENV, ConfigError
-from .errors import StreambarsError, UsageError
-from .inputs import wait_archived
+from .errors import DamagedInputError, StreambarsError, UsageError
+from .inputs import discard_archived_copy, wait_archived
 from .observe import LOG_EVERY_S, Progress, ProgressDisplay, configure_logging, get_logger, scrub
 
 log = get_logger("streambars.cluster")
@@ -130,6 +130,8 @@ class SymbolReport:
     violations: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     worker: str = ""
+    #: the archive copy of a --from-dbn input the task found damaged (the submitter made it)
+    damaged_copy: str = ""
 
 
 #: Runs told to stop, per worker process (set by :func:`_request_stop` through ``Client.run``).
@@ -191,7 +193,8 @@ def run_symbol(task: SymbolTask) -> SymbolReport:
                     f"environment or in {task.plan.env_file or '.env'}: give every worker the key "
                     "(docs/cluster.md)")
         log.error("symbol failed", symbol=task.symbol, error=text)
-        return replace(report, ok=False, error=text, seconds=time.monotonic() - t0)
+        return replace(report, ok=False, error=text, seconds=time.monotonic() - t0,
+                       damaged_copy=e.archive_copy if isinstance(e, DamagedInputError) else "")
     except Exception as e:
         log.error("symbol failed; Dask retries it", symbol=task.symbol, error=scrub(f"{type(e).__name__}: {e}"))
         raise TaskFailed(scrub(f"{type(e).__name__}: {e}")) from None
@@ -391,6 +394,10 @@ def run_on_cluster(plan: Plan, out: TextIO = sys.stdout, client: Any = None,
                     client.unsubscribe_topic(topic(token))
     finally:
         marker.unlink(missing_ok=True)
+    # every task has ended (others may have read the same copy): as in one process, a damaged
+    # input's copy this run made is not kept, for repair.from_archive would read it back
+    for copy in sorted({r.damaged_copy for r in reports.values() if r.damaged_copy}):
+        discard_archived_copy(Path(copy))
     return _summarize(plan, board, reports, out)
 
 

@@ -78,6 +78,16 @@ class SourceError(StreambarsError):
     """Databento or a DBN file did not give what was asked: names the request and the cause."""
 
 
+class DamagedInputError(SourceError):
+    """A ``--from-dbn`` input's records are damaged (cut off, corrupt). ``archive_copy``: the
+    copy in the raw archive the run read instead of the user's file (a cluster worker), so
+    that the process that made the copy removes it; empty when the user's file was read."""
+
+    def __init__(self, message: str, archive_copy: str = ""):
+        super().__init__(message)
+        self.archive_copy = archive_copy
+
+
 class AuthenticationError(SourceError):
     """The API key was refused; retrying cannot help (exit 2, like the daemon: fix the key)."""
 

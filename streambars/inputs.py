@@ -290,6 +290,17 @@ def discard_archived(path: Path) -> None:
         job.dest.unlink(missing_ok=True)
 
 
+def discard_archived_copy(copy: Path) -> None:
+    """:func:`discard_archived` named by the copy in the archive rather than by the user's
+    file: a cluster's workers read the copy, and report it damaged to the submitter, the
+    process that made it (a copy it did not make is left alone)."""
+    copy = copy.resolve()
+    with _LOCK:
+        source = next((p for p, job in _DONE.items() if job.dest is not None and job.dest.resolve() == copy), None)
+    if source is not None:
+        discard_archived(source)
+
+
 def check_unchanged(path: Path) -> None:
     """Raise StoreError if the user's file ``path`` is not the one planning read (its size,
     time or inode): the run read it beside its hash and copy, so its bars may not be the

@@ -382,3 +382,36 @@ def test_a_worker_without_the_key_says_so(market, tmp_path, monkeypatch):
     report = run_symbol(SymbolTask("ES.c.0", plan.for_symbols(["ES.c.0"]), "t" * 32, str(store / ".m")))
     assert not report.ok and "has no DATABENTO_API_KEY" in report.error and "worker " in report.error
     assert not list(store.rglob("*.h5"))
+
+
+def test_a_damaged_dbn_file_on_the_cluster_fails_its_symbol_and_leaves_no_copy(client, tmp_path):
+    """--from-dbn on a cluster: workers read the archive copy the submitter made. A cut-off
+    file fails its symbol's task (named), the other file's symbol is stored, and the damaged
+    input's copy is removed once every task has ended (as one process removes it: a repair
+    rebuilding from the archive would read it back). The good input's copy stays."""
+    from datetime import UTC, datetime
+
+    from streambars.backfill import plan_dbn_files
+    from streambars.cluster import SymbolsFailed
+    from streambars.inputs import wait_archived
+    from streambars.synthetic import es_like_1s_bars, write_dbn
+
+    day = 86_400 * 10**9
+    t0 = int(datetime(2024, 3, 4, tzinfo=UTC).timestamp()) * 10**9
+    good = write_dbn(tmp_path / "xb.dbn.zst", es_like_1s_bars(t0, 1, seed=2, instrument_id=12),
+                     symbols={"XB": 12}, start_ns=t0, end_ns=t0 + day)
+    whole = write_dbn(tmp_path / "whole.dbn.zst", es_like_1s_bars(t0, 1, seed=1, instrument_id=11),
+                      symbols={"XA": 11}, start_ns=t0, end_ns=t0 + day).read_bytes()
+    bad = tmp_path / "xa.dbn.zst"
+    bad.write_bytes(whole[: len(whole) * 2 // 3])
+    settings = load_settings(None, {"store.path": str(tmp_path / "store"), "bars.timeframes": "1s,1min"})
+    plan = plan_dbn_files(settings, [bad, good], out=io.StringIO())
+    wait_archived()
+    archive = tmp_path / "store" / "GLBX.MDP3" / "raw" / "_inputs"
+    assert len(list(archive.glob("*.dbn.zst"))) == 2  # both copies made while planning
+    out = io.StringIO()
+    with pytest.raises(SymbolsFailed, match="1 of 2 symbol\\(s\\) failed: XA"):
+        run_on_cluster(plan, out=out, client=client)
+    assert "truncated" in out.getvalue() and "(input xa.dbn.zst)" in out.getvalue()
+    kept = list(archive.glob("*.dbn.zst"))
+    assert len(kept) == 1 and kept[0].read_bytes() == good.read_bytes()
