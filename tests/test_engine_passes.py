@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 import streambars.engine as engine
 from streambars.engine import kernel as K
 from streambars.records import RecordBatch
+from streambars.rules import RECORD_RULE_NAMES
 from streambars.timeframes import STANDARD_TIMEFRAMES
 
 from .test_engine_kernel_diff import SESSIONS, START, Twin, drive
@@ -40,10 +41,12 @@ LADDERS = [
 ]
 
 
-def clean_stream(rng: np.random.Generator, n: int, n_series: int, dirt: float, huge: float) -> RecordBatch:
+def clean_stream(rng: np.random.Generator, n: int, n_series: int, dirt: float, huge: float,
+                 large: float = 0.0) -> RecordBatch:
     """Long runs of one series (up to 12,000 records) of clean 1s bars; ``dirt``: the share of
     records a run does not take (ties, late, misaligned, broken); ``huge``: the share of
-    volumes near 2**63 (two of them wrap a coarse bar)."""
+    volumes near 2**63 (two of them wrap a coarse bar); ``large``: the share of volumes of
+    2**49..2**56 (above what a segment takes, and their sums pass 2**62, yet nothing wraps)."""
     runs = rng.integers(1, 12_000, max(1, n // 2_000))
     series = np.repeat(rng.integers(0, n_series, len(runs)), runs)
     series = np.resize(series, n).astype(np.int32)
@@ -68,6 +71,8 @@ def clean_stream(rng: np.random.Generator, n: int, n_series: int, dirt: float, h
     vol[bad & (kind == 4)] = 0
     big = (pick >= dirt) & (pick < dirt + huge)
     vol[big] = np.uint64(2**63) + rng.integers(0, 2**62, int(big.sum())).astype(np.uint64)
+    mid = (pick >= dirt + huge) & (pick < dirt + huge + large)
+    vol[mid] = rng.integers(2**49, 2**56, int(mid.sum())).astype(np.uint64)
     return RecordBatch("ohlcv-1s", series, ts, o, h, lo, close.copy(), vol)
 
 
@@ -83,12 +88,13 @@ class PassTwin(RealTwin):
 
 
 @pytest.mark.parametrize("ladder", range(len(LADDERS)))
-@pytest.mark.parametrize("case", ["clean", "dirty", "huge", "fail", "tiny-buffer"])
+@pytest.mark.parametrize("case", ["clean", "dirty", "huge", "large", "fail", "tiny-buffer"])
 def test_segments_equal_the_frozen_kernel(ladder, case):
     rng = np.random.default_rng(ladder * 10 + len(case))
     twin = PassTwin(rng, LADDERS[ladder], 64 if case == "tiny-buffer" else 65_536, case == "fail")
-    dirt = {"clean": 0.0, "huge": 0.0, "tiny-buffer": 0.001}.get(case, 0.002)
-    batch = clean_stream(rng, 24_000, [1, 2, 3][ladder % 3], dirt, 0.001 if case in ("huge", "fail") else 0.0)
+    dirt = {"clean": 0.0, "huge": 0.0, "large": 0.0, "tiny-buffer": 0.001}.get(case, 0.002)
+    batch = clean_stream(rng, 24_000, [1, 2, 3][ladder % 3], dirt, 0.001 if case in ("huge", "fail") else 0.0,
+                         0.001 if case == "large" else 0.0)
     drive(twin, rng, batch, [1, 7, 64, 500, 4_000, 10_000, 24_000])
 
 
@@ -126,3 +132,28 @@ def test_a_count_near_the_outputs_uint32_leaves_the_run_to_the_old_loop():
     # small batches: the state is compared while a coarser bar holds the count (the bars
     # alone would not show it: their uint32 field wraps the same either way)
     drive(twin, rng, batch.slice(i, i + 6_000), [7, 64, 300])
+
+
+@pytest.mark.parametrize("level", ["1min", "1d"])
+def test_a_running_volume_near_2_64_leaves_the_run_to_the_old_loop(level):
+    """A running bar's volume so near 2**64 that the running volumes' sum does not wrap yet,
+    but the next few hundred records' volumes overflow it (restored state). Segments check no
+    sum per record; they start only while the running volumes sum below 2**62, so these
+    records go to the loop that saturates and counts volume_overflow, as the frozen kernel."""
+    rng = np.random.default_rng(11)
+    twin = PassTwin(rng, list(STANDARD_TIMEFRAMES), 65_536, False)
+    batch = clean_stream(rng, 20_000, 1, 0.0, 0.0)
+    k = [t.name for t in twin.new.timeframes].index(level)
+    i = 0
+    while not twin.new.get_series_state(0)["levels"][k, K.L_ACTIVE]:
+        twin.check(*twin.both("process", batch.slice(i, i + 100)), f"process [{i}, {i + 100})")
+        i += 100
+    for agg in (twin.new, twin.old):
+        state = agg.get_series_state(0)
+        levels = state["levels"]
+        others = sum(int(levels[j, K.L_VOLUME]) for j in range(len(levels)) if j != k and levels[j, K.L_ACTIVE])
+        levels[k, K.L_VOLUME] = np.uint64(2**64 - 1 - others - 50_000).view(np.int64)
+        agg.set_series_state(0, state)
+    drive(twin, rng, batch.slice(i, i + 6_000), [7, 64, 3_000])
+    rule = list(RECORD_RULE_NAMES).index("volume_overflow")
+    assert twin.new.counts[0, rule] > 0

@@ -585,6 +585,11 @@ MAX_SEGMENT = 8192
 #: why a segment stopped: a record the run loops do not take (or the batch end), the output
 #: buffer's room, or a volume or count that could overflow a coarser level (_run_exact then)
 SEG_RECORD, SEG_ROOM, SEG_RISK = range(3)
+#: a segment's volume guard: it starts only while the running bars' volumes sum below the
+#: first, and takes only records of volume up to the second (MAX_SEGMENT of them cannot wrap)
+SEG_RUNNING_VOLUME = np.uint64(1 << 62)
+SEG_RECORD_VOLUME = np.uint64(1 << 49)
+assert int(SEG_RUNNING_VOLUME) + MAX_SEGMENT * int(SEG_RECORD_VOLUME) <= 2**63  # far from 2**64
 
 
 @numba.njit(cache=True, inline="always", _nrt=False)
@@ -634,9 +639,11 @@ def _segment(series, ts, op, hi, lo, cl, vol, i, n, s, st, b, sb, c1, out, nout,
     in time order. The arena ends as _run_exact leaves it: every level's running bar (or the
     last closed one of an idle level, inactive).
 
-    Taken only while no level's volume can wrap (the largest running volume plus the
-    segment's stays below 2**64) and every count stays below 2**32 (the output's field, which
-    the passes read), and while every level's bar of every record fits ``out``. Returns
+    Taken only while no level's volume can wrap and every count stays below 2**32 (the
+    output's field, which the passes read), and while every level's bar of every record fits
+    ``out``. No wrap is proven before the loop, not by a sum and a branch per record: the
+    running volumes sum below 2**62 and the segment takes at most MAX_SEGMENT records of
+    volume <= 2**49 each (a larger one is left to the general path). Returns
     ``(first record not taken, nout, why)`` with why SEG_RECORD, SEG_ROOM or SEG_RISK."""
     b1 = b + N_LEVEL_FIELDS
     cfg = st[_U(H_CFG)]
@@ -645,8 +652,8 @@ def _segment(series, ts, op, hi, lo, cl, vol, i, n, s, st, b, sb, c1, out, nout,
     o0, h0, l0, k0 = st[_U(b + L_OPEN)], st[_U(b + L_HIGH)], st[_U(b + L_LOW)], st[_U(b + L_CLOSE)]
     v0, n0 = np.uint64(st[_U(b + L_VOLUME)]), st[_U(b + L_COUNT)]
     # the guard: a finer running bar's volume flows into every coarser one, so acc (all the
-    # running volumes and the segment's records) bounds every level's volume to the segment's
-    # end; likewise counts, which stay < 2**31 + MAX_SEGMENT
+    # running volumes) plus the segment's records bounds every level's volume to the
+    # segment's end; likewise counts, which stay < 2**31 + MAX_SEGMENT
     acc = v0
     big = n0
     for k in range(1, n_levels):
@@ -657,8 +664,9 @@ def _segment(series, ts, op, hi, lo, cl, vol, i, n, s, st, b, sb, c1, out, nout,
                 return i, nout, SEG_RISK
             acc = summed
             big += min(st[_U(bk + L_COUNT)], np.int64(1) << 31)  # < 2**37: no wrap
-    if big >= (1 << 31) or n0 >= (1 << 31):
+    if big >= (1 << 31) or n0 >= (1 << 31) or acc >= SEG_RUNNING_VOLUME:
         return i, nout, SEG_RISK
+    vseg = min(vmax, SEG_RECORD_VOLUME)  # every sum stays below 2**62 + MAX_SEGMENT * 2**49
     cap = out.shape[0]
     stop = min(n, i + min(MAX_SEGMENT, (cap - nout) // n_levels))
     if stop <= i:
@@ -673,14 +681,9 @@ def _segment(series, ts, op, hi, lo, cl, vol, i, n, s, st, b, sb, c1, out, nout,
         uj = _U(j)
         t = ts[uj]
         o, h, lw, c, v = op[uj], hi[uj], lo[uj], cl[uj], vol[uj]
-        summed = acc + v
-        if not ((series[uj] == s) & _clean_exact(t, e, o, h, lw, c, v, vmax, tz, inv, lim, low)):
+        if not ((series[uj] == s) & _clean_exact(t, e, o, h, lw, c, v, vseg, tz, inv, lim, low)):
             why = SEG_RECORD
             break
-        if summed < acc:
-            why = SEG_RISK
-            break
-        acc = summed
         _put(out, nout + 1 + (j - i), s, 0, t, o, h, lw, c, v, 1)
         e = t + interval
         j += 1
