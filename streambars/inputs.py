@@ -118,8 +118,6 @@ class InputCopy:
         decode it too (the copy then rides on that one read, compressed if it is plain)."""
         path = info.path
         tmp = temp_beside(raw / INPUTS_DIR / path.name)
-        end = None
-        copying = None
         got = cls(path, tmp, None, _seen=_signature(path))
         try:
             if scan:
@@ -133,7 +131,7 @@ class InputCopy:
                         out.write(chunk if pack is None else pack.compress(chunk))
 
                     try:
-                        end = file_span(path, schema, clock, tee=sink)[1]
+                        got.proven_end = file_span(path, schema, clock, tee=sink)[1]
                         if pack is not None:
                             out.write(pack.flush())
                     finally:
@@ -143,15 +141,13 @@ class InputCopy:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
                 copying = threading.Thread(target=got._copy, args=(fd,), name="input-copy")
                 copying.start()
-                got._hashing = threading.Thread(target=got._hash, name="input-hash")
-                got._hashing.start()
+                got._copying = copying  # set once started: drop() joins it
+                hashing = threading.Thread(target=got._hash, name="input-hash")
+                hashing.start()
+                got._hashing = hashing
         except BaseException:
-            got._stop.set()
-            if copying is not None:
-                copying.join()
-            tmp.unlink(missing_ok=True)
+            got.drop()  # stops and joins what started, removes the temp file
             raise
-        got.proven_end, got._copying = end, copying
         return got
 
     def _hash(self) -> None:
