@@ -820,9 +820,9 @@ def aggregate(series, ts, op, hi, lo, cl, vol, start, st, out, out_start):
     Returns ``(next_record, n_out, status, info)``, n_out the row after the last bar written:
     status OK (all consumed), FULL (output buffer full: call again from next_record), GROW
     (record next_record names a series the arena has no room for; ``info`` is the largest
-    series index in the rest of the batch),
-    BAD_SERIES (negative series index) or FAIL (record next_record broke rule bit ``info``
-    whose policy is fail; it is counted but not applied).
+    series index in the rest of the batch), BAD_SERIES (negative series index) or FAIL
+    (record next_record broke rule bit ``info`` whose policy is fail; it is counted but not
+    applied).
 
     With ``st[H_MODE]`` set to MODE_FLUSH or MODE_FINISH it flushes instead (see
     :func:`_flush`; ``start`` is then the first series): one compiled function, so a new
